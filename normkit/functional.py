@@ -1,0 +1,381 @@
+r"""The public operations: validate once, dispatch to the array's backend, return new state.
+
+These functions are pure: they never modify their arguments, and return the output together
+with the new running statistics. Defaults come from the ``preset`` (``"torch"`` unless you say
+otherwise); every option can be overridden by keyword. The math and the train/eval rules are
+those of :mod:`normkit.hookspecs`.
+
+>>> import numpy as np, normkit
+>>> x = np.arange(12, dtype=np.float32).reshape(3, 4)       # (N, C)
+>>> y, mean, var = normkit.batch_norm(x, np.zeros(4, np.float32), np.ones(4, np.float32),
+...                                   training=True)
+>>> y[:, 0].round(4).tolist(), mean.tolist(), var.tolist()
+([-1.2247, 0.0, 1.2247], [0.4000000059604645, 0.5, 0.6000000238418579, 0.699999988079071], [2.5, 2.5, 2.5, 2.5])
+
+Errors name the parameter at fault: ``TypeError`` for a wrong array type or dtype
+(:class:`~normkit.errors.NoBackendError` when no backend handles the array), ``ValueError``
+for wrong shapes and values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from normkit import presets
+from normkit._registry import Backend, backend_for, backend_named, type_name
+
+__all__ = ["BatchNormResult", "InstanceNormResult", "batch_norm", "instance_norm", "layer_norm"]
+
+Array = Any
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class BatchNormResult(NamedTuple):
+    """``(y, running_mean, running_var)``; the statistics are ``None`` when none were given."""
+
+    y: Array
+    running_mean: Array | None
+    running_var: Array | None
+
+
+class InstanceNormResult(NamedTuple):
+    """``(y, running_mean, running_var)``; the statistics are ``None`` when none were given."""
+
+    y: Array
+    running_mean: Array | None
+    running_var: Array | None
+
+
+# -- validation helpers ---------------------------------------------------------------------
+def _backend(x: Array, backend: str | None) -> Backend:
+    return backend_for(x) if backend is None else backend_named(backend, x)
+
+
+def _check_input(be: Backend, x: Array, min_ndim: int, what: str) -> tuple[int, ...]:
+    dtype = be.info.dtype_name(x)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x has dtype {dtype}; {what} expects a floating dtype, one of {FLOAT_DTYPES}")
+    if dtype not in be.info.dtypes:
+        raise TypeError(f"x has dtype {dtype}, which backend {be.name!r} does not support {be.info.dtypes}")
+    shape = tuple(be.info.shape(x))
+    if len(shape) < min_ndim:
+        raise ValueError(f"x has shape {shape}; {what} expects at least {min_ndim} dimensions")
+    return shape
+
+
+def _check_axis(axis: object, ndim: int, name: str = "axis") -> int:
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"{name}={axis!r}: expected an int")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an input with {ndim} dimensions")
+    return axis % ndim
+
+
+def _check_param(be: Backend, name: str, value: Array | None, shape: tuple[int, ...], x: Array) -> None:
+    if value is None:
+        return
+    if not be.handles(type(value)):
+        raise TypeError(
+            f"{name} is a {type_name(type(value))} but x is a {type_name(type(x))}: every array "
+            f"in one call must belong to the same backend ({be.name!r})"
+        )
+    dtype = be.info.dtype_name(value)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {dtype}; expected a floating dtype, one of {FLOAT_DTYPES}")
+    got = tuple(be.info.shape(value))
+    if got != shape:
+        raise ValueError(f"{name} has shape {got}; expected {shape}")
+
+
+def _check_running_stats(running_mean: Array | None, running_var: Array | None) -> None:
+    if (running_mean is None) != (running_var is None):
+        given, missing = (
+            ("running_mean", "running_var") if running_var is None else ("running_var", "running_mean")
+        )
+        raise ValueError(f"{given} is given but {missing} is None; pass both or neither")
+
+
+def _momentum(momentum: object, momentum_weights: str | None, preset: presets.Preset) -> float:
+    if momentum is None:
+        raise ValueError(
+            "momentum=None (the cumulative average) needs a batch counter; use a layer "
+            "(normkit.BatchNorm(momentum=None)) or pass momentum=1/k for the k-th batch"
+        )
+    weights = preset.momentum_weights if momentum_weights is None else momentum_weights
+    value = preset.momentum if momentum is presets.DEFAULT else presets.check_momentum(momentum)
+    return presets.batch_weight(value, weights)  # type: ignore[arg-type]
+
+
+def _empty_like(be: Backend, x: Array, shape: tuple[int, ...]) -> Array:
+    return be.info.full(shape, 0.0, be.info.dtype_name(x), x)
+
+
+def _check_values_per_group(
+    n: int, shape: tuple[int, ...], allow_single_value: bool, unbiased_update: bool, what: str
+) -> None:
+    if n == 1 and not allow_single_value:
+        raise ValueError(
+            f"x has shape {shape}: expected more than 1 value per {what} when using batch "
+            f"statistics (the torch preset's rule; allow_single_value=True allows it)"
+        )
+    if n == 1 and unbiased_update:
+        raise ValueError(
+            f"x has shape {shape}: an unbiased running variance needs at least 2 values per "
+            f"{what}; use running_var_estimator='biased'"
+        )
+
+
+# -- operations -----------------------------------------------------------------------------
+def _channel_norm(
+    op: str,
+    be: Backend,
+    x: Array,
+    shape: tuple[int, ...],
+    axis: int,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+    use_batch_stats: bool,
+    momentum: object,
+    eps: float | None,
+    momentum_weights: str | None,
+    running_var_estimator: str | None,
+    allow_single_value: bool | None,
+    p: presets.Preset,
+) -> tuple[Array, Array | None, Array | None]:
+    """Batch or instance norm once the backend, the input's shape and the axis are known
+    (the entry point for layers, which resolve those themselves)."""
+    channels = (shape[axis],)
+    for name, value in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        _check_param(be, name, value, channels, x)
+    _check_running_stats(running_mean, running_var)
+    m = _momentum(momentum, momentum_weights, p)
+    default_eps = p.batch_norm_eps if op == "batch_norm" else p.instance_norm_eps
+    eps = presets.check_eps(default_eps if eps is None else eps)
+    unbiased = presets.check_estimator(running_var_estimator or p.running_var_estimator)
+    allow = p.allow_single_value if allow_single_value is None else bool(allow_single_value)
+    if not use_batch_stats and running_mean is None:
+        flag = "training=False" if op == "batch_norm" else "use_input_stats=False"
+        raise ValueError(
+            f"running_mean and running_var are None: {flag} normalizes with running statistics; pass them"
+        )
+    size = math.prod(shape)
+    if size == 0:
+        return _empty_like(be, x, shape), running_mean, running_var
+    if use_batch_stats:
+        per_group, what = (
+            (size // shape[axis], "channel")
+            if op == "batch_norm"
+            else (size // (shape[0] * shape[axis]), "instance and channel")
+        )
+        _check_values_per_group(per_group, shape, allow, unbiased and running_mean is not None, what)
+    kernel = be.batch_norm if op == "batch_norm" else be.instance_norm
+    return kernel(x, weight, bias, running_mean, running_var, use_batch_stats, m, eps, axis, unbiased)
+
+
+def batch_norm(
+    x: Array,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    *,
+    training: bool = False,
+    momentum: float | presets._Default = presets.DEFAULT,
+    eps: float | None = None,
+    axis: int | None = None,
+    momentum_weights: presets.MomentumWeights | None = None,
+    running_var_estimator: presets.RunningVarEstimator | None = None,
+    allow_single_value: bool | None = None,
+    preset: str | presets.Preset = "torch",
+    backend: str | None = None,
+) -> BatchNormResult:
+    r"""Batch normalization (see :func:`normkit.hookspecs.normkit_batch_norm` for the math).
+
+    :param x: input with the batch on axis 0 and channels on ``axis``, at least 2-D.
+    :param running_mean: running mean, shape ``(C,)``; used in eval, updated in training.
+    :param running_var: running variance, shape ``(C,)``.
+    :param weight: γ, shape ``(C,)``, or ``None``.
+    :param bias: β, shape ``(C,)``, or ``None``.
+    :param training: normalize with batch statistics and return updated running statistics
+        (when given); otherwise normalize with the running statistics, which are then required.
+    :param momentum: in the preset's convention (``momentum_weights``); default the preset's.
+    :param eps: added to the variance inside the square root; default the preset's.
+    :param axis: channel axis; default the preset's (1 for torch/onnx, -1 for keras/flax).
+    :param momentum_weights: ``"batch"`` or ``"running"``: which term ``momentum`` weights.
+    :param running_var_estimator: ``"unbiased"`` or ``"biased"`` batch variance in the update.
+    :param allow_single_value: allow one value per channel in training (then ``y = bias``).
+    :param preset: ``"torch"``, ``"keras"``, ``"flax"`` or ``"onnx"``.
+    :param backend: force a backend by name instead of choosing by ``x``'s type.
+    :returns: :class:`BatchNormResult` ``(y, running_mean, running_var)``.
+    """
+    p = presets.get_preset(preset)
+    be = _backend(x, backend)
+    shape = _check_input(be, x, 2, "batch_norm")
+    axis = _check_axis(p.axis if axis is None else axis, len(shape))
+    return BatchNormResult(
+        *_channel_norm(
+            "batch_norm",
+            be,
+            x,
+            shape,
+            axis,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            bool(training),
+            momentum,
+            eps,
+            momentum_weights,
+            running_var_estimator,
+            allow_single_value,
+            p,
+        )
+    )
+
+
+def instance_norm(
+    x: Array,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    *,
+    use_input_stats: bool = True,
+    momentum: float | presets._Default = presets.DEFAULT,
+    eps: float | None = None,
+    axis: int | None = None,
+    momentum_weights: presets.MomentumWeights | None = None,
+    running_var_estimator: presets.RunningVarEstimator | None = None,
+    allow_single_value: bool | None = None,
+    preset: str | presets.Preset = "torch",
+    backend: str | None = None,
+) -> InstanceNormResult:
+    r"""Instance normalization (see :func:`normkit.hookspecs.normkit_instance_norm`).
+
+    :param x: input ``(N, C, *spatial)`` (``axis=1``) or ``(N, *spatial, C)`` (``axis=-1``),
+        at least 3-D.
+    :param use_input_stats: normalize each instance with its own statistics (and update the
+        running statistics when given); otherwise use the running statistics.
+    :returns: :class:`InstanceNormResult` ``(y, running_mean, running_var)``.
+
+    The other parameters are those of :func:`batch_norm`; ``allow_single_value`` is about
+    one value per instance and channel (a spatial size of 1).
+    """
+    p = presets.get_preset(preset)
+    be = _backend(x, backend)
+    shape = _check_input(be, x, 3, "instance_norm")
+    axis = _check_instance_axis(p.axis if axis is None else axis, len(shape))
+    return InstanceNormResult(
+        *_channel_norm(
+            "instance_norm",
+            be,
+            x,
+            shape,
+            axis,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            bool(use_input_stats),
+            momentum,
+            eps,
+            momentum_weights,
+            running_var_estimator,
+            allow_single_value,
+            p,
+        )
+    )
+
+
+def _check_instance_axis(axis: object, ndim: int) -> int:
+    axis = _check_axis(axis, ndim)
+    if axis == 0:
+        raise ValueError("axis=0 is the batch axis; instance_norm needs a channel axis >= 1")
+    return axis
+
+
+def normalized_axes(
+    shape: tuple[int, ...], normalized_shape: int | Sequence[int] | None, axis: int | Sequence[int] | None
+) -> tuple[int, ...]:
+    """The sorted non-negative axes layer norm normalizes over.
+
+    ``normalized_shape`` (PyTorch) names the trailing dimensions by their sizes; ``axis``
+    (Keras/Flax) names axes directly; with neither, the last axis.
+    """
+    ndim = len(shape)
+    if normalized_shape is not None and axis is not None:
+        raise ValueError("pass normalized_shape or axis, not both")
+    if normalized_shape is not None:
+        dims = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        if not dims or len(dims) > ndim or tuple(shape[ndim - len(dims) :]) != dims:
+            raise ValueError(
+                f"normalized_shape={dims} does not match the trailing dimensions of x with shape {shape}"
+            )
+        return tuple(range(ndim - len(dims), ndim))
+    if axis is None:
+        return (ndim - 1,)
+    raw = (axis,) if isinstance(axis, int) else tuple(axis)
+    if not raw:
+        raise ValueError("axis=() names no axis to normalize over")
+    axes = sorted(_check_axis(a, ndim) for a in raw)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"axis={axis!r} names an axis twice")
+    return tuple(axes)
+
+
+def layer_norm(
+    x: Array,
+    normalized_shape: int | Sequence[int] | None = None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    *,
+    axis: int | Sequence[int] | None = None,
+    eps: float | None = None,
+    preset: str | presets.Preset = "torch",
+    backend: str | None = None,
+) -> Array:
+    r"""Layer normalization (see :func:`normkit.hookspecs.normkit_layer_norm`).
+
+    :param x: input of any rank >= 1.
+    :param normalized_shape: PyTorch style: the sizes of the trailing dimensions to normalize.
+    :param weight: γ with the shape of the normalized dimensions, or ``None``.
+    :param bias: β with the same shape, or ``None``.
+    :param axis: Keras style: an axis or a list of axes to normalize over (default: the last).
+    :param eps: default the preset's (1e-5 torch/onnx, 1e-3 keras, 1e-6 flax).
+    :returns: ``y``, same shape and dtype as ``x``. The same in training and eval.
+    """
+    p = presets.get_preset(preset)
+    be = _backend(x, backend)
+    shape = _check_input(be, x, 1, "layer_norm")
+    axes = normalized_axes(shape, normalized_shape, axis)
+    return _layer_norm(be, x, shape, axes, weight, bias, eps, p)
+
+
+def _layer_norm(
+    be: Backend,
+    x: Array,
+    shape: tuple[int, ...],
+    axes: tuple[int, ...],
+    weight: Array | None,
+    bias: Array | None,
+    eps: float | None,
+    p: presets.Preset,
+) -> Array:
+    """Layer norm once the backend, shape and axes are known (the entry point for layers)."""
+    param_shape = tuple(shape[a] for a in axes)
+    _check_param(be, "weight", weight, param_shape, x)
+    _check_param(be, "bias", bias, param_shape, x)
+    eps = presets.check_eps(p.layer_norm_eps if eps is None else eps)
+    if math.prod(shape) == 0:
+        return _empty_like(be, x, shape)
+    return be.layer_norm(x, weight, bias, axes, eps)

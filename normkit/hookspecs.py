@@ -1,0 +1,306 @@
+r"""The normkit specification, version 1.
+
+Every docstring in this module is normative. "Must" is a requirement that
+:mod:`normkit.testing` checks for every backend; "should" is advice. The documentation renders
+this module; nothing else restates it.
+
+A backend is a pluggy plugin that implements :func:`normkit_backend_info` and any of the
+operation hooks below with :data:`normkit.hookimpl`. Implementations take every argument of
+the spec, in the spec's order, with no defaults (pluggy never passes defaults, and normkit
+calls the resolved implementation directly). normkit validates every argument in
+:mod:`normkit.functional` before a kernel is called, so kernels do not validate again; the
+preconditions each kernel may rely on are listed under "Preconditions".
+
+Notation
+--------
+``x`` is the input, ``axis`` its channel (feature) axis, ``C = x.shape[axis]``. For a channel
+``c``, the reduction set holds every element of channel ``c`` (batch norm), every element of
+channel ``c`` of one instance (instance norm), or every element of one normalized slice
+(layer norm); ``n`` is its size. The batch statistics are
+
+.. math::
+
+   \mu = \frac{1}{n}\sum_i x_i, \qquad
+   \sigma^2 = \frac{1}{n}\sum_i (x_i - \mu)^2 \quad\text{(biased, always used to normalize)}
+
+and the output is :math:`y = \gamma\,(x - \mu)/\sqrt{\sigma^2 + \epsilon} + \beta`.
+
+The semantics that are explicit choices
+---------------------------------------
+1. **Running-statistic update.** Kernels receive ``momentum`` as the weight of the new batch
+   statistic: :math:`r \leftarrow (1 - m)\,r + m\,b` (PyTorch's convention). Presets whose
+   framework stores the weight of the old value (Keras, Flax, ONNX "decay" ``d``) pass
+   :math:`m = 1 - d`. The cumulative average (PyTorch ``momentum=None``) is a layer feature:
+   the layer counts ``num_batches_tracked`` (``k`` after this batch) and passes
+   :math:`m = 1/k`, so the running value is the plain mean of the ``k`` batch statistics.
+   Conformance: ``bn-ema-20-steps``, ``bn-cumulative-average``.
+2. **Running-variance estimator.** ``unbiased_running_var=True`` stores
+   :math:`\frac{n}{n-1}\sigma^2` (PyTorch, cuDNN); ``False`` stores :math:`\sigma^2` (Keras,
+   Flax, ONNX). Normalizing in training always uses the biased :math:`\sigma^2`.
+   Conformance: ``bn-two-values-per-channel``, ``bn-keras-preset-ema``.
+3. **eps** is always inside the square root, :math:`1/\sqrt{\sigma^2+\epsilon}`, applied in the
+   compute dtype (never rounded to a float16/bfloat16 input dtype). Preset defaults:
+   ``1e-5`` (torch, onnx, flax batch norm), ``1e-6`` (flax layer/instance norm), ``1e-3`` (keras).
+4. **Eval.** Batch norm in eval normalizes with the running statistics. A layer that tracks no
+   running statistics normalizes with batch statistics in eval too (PyTorch
+   ``track_running_stats=False``). Instance norm uses per-instance statistics unless it tracks
+   running statistics and is in eval. Layer norm is identical in training and eval.
+   In training, a kernel normalizes with the batch statistics first and then returns the
+   updated running statistics computed from those same batch statistics.
+   Conformance: ``bn-eval-after-train``, ``bn-eval-untracked``, ``in-tracked-eval``,
+   ``ln-train-equals-eval``.
+5. **Feature axis and layout.** Batch and instance norm take the channel axis ``axis``
+   (``1`` channels-first, ``-1`` channels-last; any axis is allowed). Layer norm normalizes
+   over a set of axes (PyTorch's trailing ``normalized_shape`` is the set of the last
+   ``len(normalized_shape)`` axes). Conformance: ``bn-channels-last``, ``ln-axes-0-2``.
+6. **Affine.** ``weight`` (γ) and ``bias`` (β) are each optional (``None`` means 1 and 0);
+   per channel, shape ``(C,)``, for batch and instance norm; element-wise, with the shape of
+   the normalized axes, for layer norm. Conformance: ``bn-affine-off``.
+7. **Precision.** The compute dtype is float64 for float64 input and float32 otherwise;
+   float16 and bfloat16 inputs are upcast before any statistic is computed. ``y`` has the
+   dtype of ``x``; updated running statistics have the dtype of the running statistics passed
+   in (float32 by default). Conformance: ``bn-float16-large-values``, ``bn-output-dtype-*``.
+8. **Degenerate input.** One value per channel (``n = 1``) while batch statistics are used is
+   an error under the torch preset and allowed otherwise (then :math:`\sigma^2 = 0` and
+   :math:`y = \beta`); an unbiased running-variance update needs ``n >= 2``. An empty input
+   returns an empty output of the same shape and dtype and leaves every statistic unchanged.
+   A constant channel normalizes to β. Conformance: ``bn-one-value-per-channel``,
+   ``bn-empty-batch``, ``bn-constant-channel``.
+9. **Variance algorithm.** Two-pass (centre, then sum squares) or Welford/Chan merges, in at
+   least the compute dtype. :math:`E[x^2] - E[x]^2` is not allowed: it loses every digit when
+   :math:`|\mu| \gg \sigma`. Conformance: ``bn-offset-1e4``.
+
+Purity
+------
+Kernels are pure functions: they never write to ``x``, ``weight``, ``bias``,
+``running_mean`` or ``running_var``, and return new running statistics instead. When the
+statistics are not updated the kernel returns the objects it was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from normkit._registry import hookspec
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = [
+    "SPEC_VERSION",
+    "BackendInfo",
+    "normkit_backend_info",
+    "normkit_batch_norm",
+    "normkit_instance_norm",
+    "normkit_layer_norm",
+]
+
+SPEC_VERSION = 1
+"""Version of this specification. It changes when a hook's signature or meaning changes."""
+
+Array = Any
+"""An array of the backend's own type (``numpy.ndarray``, ``torch.Tensor``, ...)."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a backend handles and the small array toolkit normkit needs from it.
+
+    Building a ``BackendInfo`` must not import a framework: the array types are named by
+    strings and matched only against modules already in :data:`sys.modules`.
+
+    :param name: the backend's name; for an entry-point plugin, the entry-point name, which is
+        also the framework's top-level module (``"torch"``).
+    :param distribution: the distribution that provides the backend (``"normkit-torch"``),
+        named in install hints.
+    :param array_types: the array classes this backend handles, as ``"module:QualName"``
+        strings (``"torch:Tensor"``); subclasses are included.
+    :param dtypes: supported dtypes by name, from ``float16``, ``bfloat16``, ``float32``,
+        ``float64``.
+    :param devices: devices the backend can put arrays on (``"cpu"``, ``"cuda"``); the first
+        is the default.
+    :param asarray: ``asarray(array, dtype, device)`` turns a NumPy array into a backend array
+        of the named dtype on ``device`` (``None`` for the default device).
+    :param to_numpy: returns a NumPy copy of a backend array (bfloat16 as ``ml_dtypes``
+        bfloat16 or upcast to float32).
+    :param dtype_name: the dtype of a backend array by name (``"float32"``, ``"int64"``).
+    :param device: the device of a backend array by name.
+    :param shape: the shape of a backend array as a tuple of ints.
+    :param full: ``full(shape, fill_value, dtype, like)`` creates an array filled with
+        ``fill_value`` of the named dtype on the device of the backend array ``like``.
+    """
+
+    name: str
+    distribution: str
+    array_types: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    devices: tuple[str, ...]
+    asarray: Callable[[np.ndarray, str, str | None], Array]
+    to_numpy: Callable[[Array], np.ndarray]
+    dtype_name: Callable[[Array], str]
+    device: Callable[[Array], str]
+    shape: Callable[[Array], tuple[int, ...]]
+    full: Callable[[tuple[int, ...], float, str, Array], Array]
+
+
+@hookspec
+def normkit_backend_info() -> BackendInfo:
+    """Describe this backend.
+
+    Called once per plugin when normkit resolves an array type; must be cheap and must not
+    import a framework.
+
+    :returns: a :class:`BackendInfo`.
+    """
+
+
+@hookspec(firstresult=True)
+def normkit_batch_norm(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array | None,
+    running_var: Array | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+    unbiased_running_var: bool,
+) -> tuple[Array, Array | None, Array | None]:
+    r"""Batch normalization: one set of statistics per channel, pooled over every other axis.
+
+    For channel ``c`` the reduction set is every element with index ``c`` on ``axis``, so
+    ``n = x.size // C``.
+
+    **Training** (``training=True``): normalize with the batch statistics,
+
+    .. math::
+
+       y = \gamma_c\,\frac{x - \mu_c}{\sqrt{\sigma_c^2 + \epsilon}} + \beta_c ,
+
+    then, if ``running_mean`` and ``running_var`` are given, return them updated from the same
+    batch statistics:
+
+    .. math::
+
+       \hat\mu \leftarrow (1-m)\,\hat\mu + m\,\mu_c, \qquad
+       \hat\sigma^2 \leftarrow (1-m)\,\hat\sigma^2 + m\,s\,\sigma_c^2,
+       \qquad s = \tfrac{n}{n-1} \text{ if unbiased\_running\_var else } 1 .
+
+    **Eval** (``training=False``): normalize with the running statistics,
+    :math:`y = \gamma_c (x - \hat\mu_c)/\sqrt{\hat\sigma_c^2 + \epsilon} + \beta_c`, and return
+    them unchanged.
+
+    :param x: input of any rank >= 1 with at least one element; channel axis ``axis``.
+    :param weight: γ, shape ``(C,)``, or ``None`` for 1.
+    :param bias: β, shape ``(C,)``, or ``None`` for 0.
+    :param running_mean: running mean :math:`\hat\mu`, shape ``(C,)``, or ``None``.
+    :param running_var: running variance :math:`\hat\sigma^2`, shape ``(C,)``, or ``None``.
+    :param training: normalize with batch statistics (and update the running statistics if
+        given) when true; with the running statistics when false.
+    :param momentum: weight ``m`` of the batch statistic in the update, in ``[0, 1]``.
+    :param eps: ε > 0, added to the variance inside the square root.
+    :param axis: the channel axis, ``0 <= axis < x.ndim``.
+    :param unbiased_running_var: store the unbiased (``n/(n-1)``) batch variance in the running
+        variance instead of the biased one.
+    :returns: ``(y, running_mean, running_var)``: ``y`` with the shape and dtype of ``x``; the
+        updated running statistics (training with running statistics), the ones passed in
+        (eval), or ``None`` (training without running statistics).
+
+    Preconditions: ``x`` is floating with at least one element; ``axis`` is non-negative;
+    parameter shapes match; ``running_mean`` and ``running_var`` are both given or both
+    ``None``, and given when ``training`` is false; ``n >= 2`` when an unbiased update is due.
+
+    Stops at first non-None result; normkit resolves one implementation per array type and
+    calls it directly, only with arrays of the types its plugin claims.
+
+    Conformance: ``bn-*`` cases in :mod:`normkit.testing.cases`.
+    """
+
+
+@hookspec(firstresult=True)
+def normkit_instance_norm(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array | None,
+    running_var: Array | None,
+    use_input_stats: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+    unbiased_running_var: bool,
+) -> tuple[Array, Array | None, Array | None]:
+    r"""Instance normalization: one set of statistics per instance and channel.
+
+    ``x`` has the batch on axis 0 and the channel on ``axis``; every other axis is spatial.
+    For instance ``i`` and channel ``c`` the reduction set is the spatial slice
+    ``x[i, ..., c, ...]``, so ``n`` is the product of the spatial sizes.
+
+    **Input statistics** (``use_input_stats=True``):
+    :math:`y = \gamma_c (x - \mu_{ic})/\sqrt{\sigma_{ic}^2 + \epsilon} + \beta_c`. If running
+    statistics are given they are returned updated with the mean over instances of the
+    per-instance statistics (PyTorch's rule):
+
+    .. math::
+
+       \hat\mu \leftarrow (1-m)\,\hat\mu + m\,\overline{\mu_{i}}, \qquad
+       \hat\sigma^2 \leftarrow (1-m)\,\hat\sigma^2 + m\,s\,\overline{\sigma_{i}^2}.
+
+    **Running statistics** (``use_input_stats=False``): exactly batch norm in eval,
+    :math:`y = \gamma_c (x - \hat\mu_c)/\sqrt{\hat\sigma_c^2 + \epsilon} + \beta_c`.
+
+    :param x: input of rank >= 3, ``(N, C, *spatial)`` or ``(N, *spatial, C)``.
+    :param weight: γ, shape ``(C,)``, or ``None``.
+    :param bias: β, shape ``(C,)``, or ``None``.
+    :param running_mean: shape ``(C,)`` or ``None``.
+    :param running_var: shape ``(C,)`` or ``None``.
+    :param use_input_stats: normalize each instance with its own statistics when true; with
+        the running statistics when false.
+    :param momentum: weight ``m`` of the batch statistic in the update, in ``[0, 1]``.
+    :param eps: ε > 0.
+    :param axis: the channel axis, ``1 <= axis < x.ndim``.
+    :param unbiased_running_var: store the unbiased per-instance variance (``n/(n-1)``).
+    :returns: ``(y, running_mean, running_var)`` as for :func:`normkit_batch_norm`.
+
+    Preconditions: as for :func:`normkit_batch_norm`, with ``n`` the spatial size.
+
+    Stops at first non-None result; normkit resolves one implementation per array type.
+
+    Conformance: ``in-*`` cases in :mod:`normkit.testing.cases`.
+    """
+
+
+@hookspec(firstresult=True)
+def normkit_layer_norm(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    axes: tuple[int, ...],
+    eps: float,
+) -> Array:
+    r"""Layer normalization: statistics over a set of axes, for each index of the others.
+
+    For each index of the axes not in ``axes``, the reduction set is the slice spanned by
+    ``axes`` (``n`` is the product of their sizes):
+
+    .. math::
+
+       y = \gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta ,
+
+    with γ and β element-wise over the normalized axes. There is no running state; training
+    and eval are the same computation.
+
+    :param x: input of any rank >= 1 with at least one element.
+    :param weight: γ with shape ``tuple(x.shape[a] for a in axes)``, or ``None``.
+    :param bias: β with the same shape, or ``None``.
+    :param axes: the normalized axes, non-negative, strictly increasing, not empty.
+    :param eps: ε > 0.
+    :returns: ``y`` with the shape and dtype of ``x``.
+
+    Stops at first non-None result; normkit resolves one implementation per array type.
+
+    Conformance: ``ln-*`` cases in :mod:`normkit.testing.cases`.
+    """

@@ -1,0 +1,167 @@
+r"""The oracle: plain float64 two-pass formulas, written to be read, not to be fast.
+
+Every backend is checked against these functions. They share no code with any backend:
+inputs are converted to float64, the channel (or normalized) axes are moved into one row per
+group, and each statistic is the textbook formula
+
+.. math::
+
+   \mu = \frac{1}{n}\sum_i x_i, \qquad \sigma^2 = \frac{1}{n}\sum_i (x_i - \mu)^2 .
+
+Results are float64 NumPy arrays whatever the input dtype. Options mirror the spec's kernel
+arguments (see :mod:`normkit.hookspecs`), with ``momentum`` the weight of the new batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["batch_norm", "instance_norm", "layer_norm"]
+
+
+def _rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``x`` as ``(C, n)``: one row per channel of axis ``axis``, and the moved shape."""
+    moved = np.moveaxis(x, axis, 0)
+    return moved.reshape(moved.shape[0], -1), moved.shape
+
+
+def _unrows(rows: np.ndarray, moved_shape: tuple[int, ...], axis: int) -> np.ndarray:
+    return np.moveaxis(rows.reshape(moved_shape), 0, axis)
+
+
+def _mean_and_biased_var(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = rows.shape[1]
+    mean = rows.sum(axis=1) / n
+    var = ((rows - mean[:, None]) ** 2).sum(axis=1) / n
+    return mean, var
+
+
+def _vector(param: object, size: int, fill: float) -> np.ndarray:
+    if param is None:
+        return np.full(size, fill)
+    return np.asarray(param, dtype=np.float64).reshape(size)
+
+
+def _ema(old: object, batch: np.ndarray, momentum: float) -> np.ndarray:
+    return (1.0 - momentum) * np.asarray(old, dtype=np.float64) + momentum * batch
+
+
+def batch_norm(
+    x: object,
+    weight: object = None,
+    bias: object = None,
+    running_mean: object = None,
+    running_var: object = None,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+    unbiased_running_var: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Batch norm per :func:`normkit.hookspecs.normkit_batch_norm`; returns
+    ``(y, running_mean, running_var)`` in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    axis = axis % x.ndim
+    rows, moved_shape = _rows(x, axis)
+    channels, n = rows.shape
+    if training:
+        mean, var = _mean_and_biased_var(rows)
+    else:
+        mean = np.asarray(running_mean, dtype=np.float64)
+        var = np.asarray(running_var, dtype=np.float64)
+    gamma = _vector(weight, channels, 1.0)
+    beta = _vector(bias, channels, 0.0)
+    y_rows = (rows - mean[:, None]) / np.sqrt(var[:, None] + eps) * gamma[:, None] + beta[:, None]
+    y = _unrows(y_rows, moved_shape, axis)
+    if running_mean is None:
+        return y, None, None
+    if not training:
+        return y, np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
+    stored_var = var * n / (n - 1) if unbiased_running_var else var
+    return y, _ema(running_mean, mean, momentum), _ema(running_var, stored_var, momentum)
+
+
+def instance_norm(
+    x: object,
+    weight: object = None,
+    bias: object = None,
+    running_mean: object = None,
+    running_var: object = None,
+    *,
+    use_input_stats: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+    unbiased_running_var: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Instance norm per :func:`normkit.hookspecs.normkit_instance_norm`; returns
+    ``(y, running_mean, running_var)`` in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    axis = axis % x.ndim
+    if not use_input_stats:
+        return batch_norm(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training=False,
+            momentum=momentum,
+            eps=eps,
+            axis=axis,
+            unbiased_running_var=unbiased_running_var,
+        )
+    instances = []
+    means = []
+    stored_vars = []
+    for sample in x:  # each instance is a batch norm of one sample
+        y, _, _ = batch_norm(
+            sample[None],
+            weight,
+            bias,
+            training=True,
+            momentum=momentum,
+            eps=eps,
+            axis=axis,
+            unbiased_running_var=unbiased_running_var,
+        )
+        rows, _ = _rows(sample[None], axis)
+        mean, var = _mean_and_biased_var(rows)
+        n = rows.shape[1]
+        instances.append(y[0])
+        means.append(mean)
+        stored_vars.append(var * n / (n - 1) if unbiased_running_var else var)
+    y = np.stack(instances) if instances else np.empty_like(x)
+    if running_mean is None:
+        return y, None, None
+    return (
+        y,
+        _ema(running_mean, np.mean(means, axis=0), momentum),
+        _ema(running_var, np.mean(stored_vars, axis=0), momentum),
+    )
+
+
+def layer_norm(
+    x: object,
+    weight: object = None,
+    bias: object = None,
+    *,
+    axes: tuple[int, ...],
+    eps: float,
+) -> np.ndarray:
+    """Layer norm per :func:`normkit.hookspecs.normkit_layer_norm`; returns ``y`` in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    others = tuple(a for a in range(x.ndim) if a not in axes)
+    moved = np.transpose(x, others + axes)
+    normalized_shape = tuple(x.shape[a] for a in axes)
+    rows = moved.reshape(-1, int(np.prod(normalized_shape)))
+    mean = rows.sum(axis=1) / rows.shape[1]
+    var = ((rows - mean[:, None]) ** 2).sum(axis=1) / rows.shape[1]
+    z = (rows - mean[:, None]) / np.sqrt(var[:, None] + eps)
+    if weight is not None:
+        z = z * np.asarray(weight, dtype=np.float64).reshape(1, -1)
+    if bias is not None:
+        z = z + np.asarray(bias, dtype=np.float64).reshape(1, -1)
+    return np.transpose(z.reshape(moved.shape), np.argsort(others + axes))

@@ -1,0 +1,349 @@
+"""Conformance cases: data records with stable ids.
+
+A case names an operation, a layer configuration, an input (shape, dtype, distribution,
+layout) and a sequence of calls (``"train"``/``"eval"``). The runner
+(:mod:`normkit.testing.runner`) plays the sequence on a backend's layer and on the float64
+reference and compares every output and the final state. Ids are stable: xfail files and the
+docs refer to them. Every case also checks the invariants (inputs not mutated, output dtype
+and shape, eval leaves the state unchanged, layer norm identical in training and eval); the
+cases named after an invariant exist so that each rule of the spec has a case of its own.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from normkit.presets import get_preset
+
+__all__ = ["CASES", "Case", "get_case", "numpy_dtype"]
+
+SHORT_DTYPE = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
+ALL_DTYPES = tuple(SHORT_DTYPE)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """A NumPy dtype by name; bfloat16 comes from ``ml_dtypes``."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One conformance case. ``options`` are keyword arguments of the layer class."""
+
+    id: str
+    op: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    steps: tuple[str, ...] = ("train", "train", "eval")
+    loc: float = 0.0
+    scale: float = 1.0
+    noncontiguous: bool = False
+    constant_channel: int | None = None
+    purpose: str = ""
+
+    @property
+    def seed(self) -> int:
+        """A seed derived from the id, so a case's data never depends on the case list."""
+        return zlib.crc32(self.id.encode())
+
+    @property
+    def channel_axis(self) -> int:
+        axis = self.options.get("axis")
+        if axis is None:
+            axis = get_preset(self.options.get("preset", "torch")).axis
+        return axis % len(self.shape)
+
+    @property
+    def state_dtype(self) -> str:
+        return "float64" if self.dtype == "float64" else "float32"
+
+    def input(self, step: int) -> np.ndarray:
+        """The input of call ``step`` as a NumPy array of the case's dtype. For a
+        non-contiguous case this is the wide array; the call uses ``x[..., ::2]``."""
+        rng = np.random.default_rng([self.seed, step])
+        shape = (*self.shape[:-1], 2 * self.shape[-1]) if self.noncontiguous else self.shape
+        x = rng.normal(self.loc, self.scale, size=shape)
+        if self.constant_channel is not None:
+            index = [slice(None)] * len(shape)
+            index[self.channel_axis] = self.constant_channel
+            x[tuple(index)] = self.loc + 0.1 * self.scale
+        return x.astype(numpy_dtype(self.dtype))
+
+    def param_shape(self) -> tuple[int, ...]:
+        """Shape of weight and bias."""
+        if self.op != "layer_norm":
+            return (self.shape[self.channel_axis],)
+        normalized = self.options.get("normalized_shape")
+        if normalized is not None:
+            return (normalized,) if isinstance(normalized, int) else tuple(normalized)
+        axis = self.options.get("axis", -1)
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
+        return tuple(self.shape[a % len(self.shape)] for a in sorted(a % len(self.shape) for a in axes))
+
+    def initial_state(self) -> dict[str, np.ndarray]:
+        """Random but well-conditioned starting arrays (NumPy, the state dtype), for every
+        array key a layer may have; the runner keeps the ones the layer uses."""
+        rng = np.random.default_rng([self.seed, 1_000_000])
+        shape = self.param_shape()
+        dtype = np.dtype(self.state_dtype)
+        state = {
+            "weight": 1.0 + 0.5 * rng.standard_normal(shape),
+            "bias": 0.5 * rng.standard_normal(shape),
+            "running_mean": self.loc + 0.1 * self.scale * rng.standard_normal(shape),
+            "running_var": self.scale**2 * rng.uniform(0.5, 1.5, size=shape),
+        }
+        return {key: value.astype(dtype) for key, value in state.items()}
+
+
+def _case(id: str, op: str, shape: tuple[int, ...], **fields: Any) -> Case:
+    return Case(id=id, op=op, shape=shape, **fields)
+
+
+def _per_dtype(prefix: str, op: str, shape: tuple[int, ...], **fields: Any) -> list[Case]:
+    return [_case(f"{prefix}-{SHORT_DTYPE[d]}", op, shape, dtype=d, **fields) for d in ALL_DTYPES]
+
+
+_BN = "batch_norm"
+_IN = "instance_norm"
+_LN = "layer_norm"
+
+CASES: tuple[Case, ...] = tuple(
+    [
+        *_per_dtype(
+            "bn-output-dtype", _BN, (8, 3, 5, 4), purpose="output dtype equals input dtype; train then eval"
+        ),
+        *_per_dtype(
+            "in-basic", _IN, (4, 3, 6, 5), options={"affine": True}, purpose="instance norm, train and eval"
+        ),
+        *_per_dtype(
+            "ln-basic",
+            _LN,
+            (4, 5, 16),
+            options={"normalized_shape": 16},
+            purpose="layer norm over the last axis",
+        ),
+        _case(
+            "bn-offset-1e4",
+            _BN,
+            (16, 3, 8, 8),
+            loc=1e4,
+            scale=1.0,
+            steps=("train",) * 3 + ("eval",),
+            purpose="mean offset |mean|/std = 1e4 in float32 catches E[x^2]-E[x]^2",
+        ),
+        _case(
+            "in-offset-1e4",
+            _IN,
+            (4, 3, 16, 16),
+            loc=1e4,
+            options={"affine": True},
+            purpose="instance norm with a 1e4 offset",
+        ),
+        _case("ln-offset-1e4", _LN, (8, 256), loc=1e4, purpose="layer norm with a 1e4 offset"),
+        _case(
+            "bn-float16-large-values",
+            _BN,
+            (16, 3, 6, 6),
+            dtype="float16",
+            loc=1000.0,
+            scale=100.0,
+            steps=("train",) * 3 + ("eval",),
+            purpose="float16 values >= 256: squares overflow float16, statistics must accumulate in float32",
+        ),
+        _case(
+            "ln-float16-large-values",
+            _LN,
+            (8, 64),
+            dtype="float16",
+            loc=1000.0,
+            scale=100.0,
+            purpose="float16 layer norm with values >= 256",
+        ),
+        _case(
+            "bn-one-value-per-channel",
+            _BN,
+            (1, 4),
+            options={"preset": "keras", "axis": 1},
+            steps=("train", "train", "eval"),
+            purpose="one value per channel (keras allows it): y = beta, biased update",
+        ),
+        _case(
+            "bn-two-values-per-channel",
+            _BN,
+            (2, 4),
+            steps=("train", "train", "eval"),
+            purpose="two values per channel: the unbiased running variance is twice the biased one",
+        ),
+        _case(
+            "bn-ema-20-steps",
+            _BN,
+            (8, 3, 4, 4),
+            steps=("train",) * 20 + ("eval",),
+            loc=2.0,
+            scale=3.0,
+            purpose="20 exponential-average updates",
+        ),
+        _case(
+            "bn-cumulative-average",
+            _BN,
+            (8, 3, 4, 4),
+            options={"momentum": None},
+            steps=("train",) * 6 + ("eval",),
+            loc=-1.0,
+            scale=2.0,
+            purpose="momentum=None: running statistics are the plain average of the batches'",
+        ),
+        _case(
+            "bn-eval-after-train",
+            _BN,
+            (8, 3, 4, 4),
+            steps=("train",) * 3 + ("eval",) * 3,
+            purpose="eval normalizes with the running statistics",
+        ),
+        _case(
+            "bn-eval-untracked",
+            _BN,
+            (8, 3, 4, 4),
+            options={"track_running_stats": False},
+            steps=("train", "eval", "eval"),
+            purpose="no running statistics: eval uses batch statistics",
+        ),
+        _case(
+            "bn-eval-state-unchanged",
+            _BN,
+            (8, 3, 4, 4),
+            steps=("eval", "eval", "train", "eval"),
+            purpose="eval leaves the state unchanged",
+        ),
+        _case(
+            "bn-inputs-not-mutated",
+            _BN,
+            (8, 3, 4, 4),
+            steps=("train", "eval"),
+            purpose="inputs are never written",
+        ),
+        _case("bn-affine-off", _BN, (8, 3, 4, 4), options={"affine": False}, purpose="no weight and bias"),
+        _case("bn-channels-last", _BN, (8, 5, 4, 3), options={"axis": -1}, purpose="channels-last layout"),
+        _case(
+            "bn-noncontiguous",
+            _BN,
+            (8, 3, 4, 5),
+            noncontiguous=True,
+            purpose="a strided (non-contiguous) input",
+        ),
+        _case("bn-1d-input", _BN, (32, 6), purpose="(N, C) input"),
+        _case("bn-3d-input", _BN, (4, 3, 3, 4, 5), purpose="(N, C, D, H, W) input"),
+        _case(
+            "bn-empty-batch",
+            _BN,
+            (0, 3, 4, 4),
+            steps=("train", "eval"),
+            purpose="an empty batch returns an empty output and changes no statistic",
+        ),
+        _case(
+            "bn-constant-channel",
+            _BN,
+            (8, 3, 4, 4),
+            constant_channel=1,
+            steps=("train",),
+            purpose="a constant channel normalizes to beta",
+        ),
+        _case(
+            "bn-keras-preset-ema",
+            _BN,
+            (8, 4, 4, 3),
+            options={"preset": "keras"},
+            steps=("train",) * 5 + ("eval",),
+            purpose="keras: momentum 0.99 on the running value, biased variance, eps 1e-3, channels-last",
+        ),
+        _case(
+            "bn-flax-preset",
+            _BN,
+            (8, 4, 4, 3),
+            options={"preset": "flax"},
+            steps=("train",) * 3 + ("eval",),
+            purpose="flax conventions",
+        ),
+        _case(
+            "bn-onnx-preset",
+            _BN,
+            (8, 3, 4, 4),
+            options={"preset": "onnx"},
+            steps=("train",) * 3 + ("eval",),
+            purpose="onnx conventions: momentum 0.9 on the running value, biased variance",
+        ),
+        _case(
+            "in-tracked-eval",
+            _IN,
+            (4, 3, 6, 6),
+            options={"track_running_stats": True, "affine": True},
+            steps=("train",) * 3 + ("eval",),
+            purpose="instance norm with running statistics: eval uses them",
+        ),
+        _case(
+            "in-channels-last",
+            _IN,
+            (4, 6, 5, 3),
+            options={"axis": -1, "affine": True},
+            purpose="channels-last instance norm",
+        ),
+        _case(
+            "in-noncontiguous", _IN, (4, 3, 6, 5), noncontiguous=True, purpose="strided instance norm input"
+        ),
+        _case(
+            "ln-train-equals-eval",
+            _LN,
+            (4, 6, 8),
+            options={"normalized_shape": (6, 8)},
+            steps=("train", "eval"),
+            purpose="layer norm is identical in training and eval",
+        ),
+        _case(
+            "ln-axes-0-2",
+            _LN,
+            (4, 3, 5),
+            options={"axis": (0, 2)},
+            purpose="layer norm over a set of axes (keras style)",
+        ),
+        _case(
+            "ln-keras-preset",
+            _LN,
+            (4, 7, 10),
+            options={"preset": "keras"},
+            purpose="keras layer norm: eps 1e-3",
+        ),
+        _case("ln-noncontiguous", _LN, (4, 5, 6), noncontiguous=True, purpose="strided layer norm input"),
+        _case(
+            "ln-no-affine",
+            _LN,
+            (4, 10),
+            options={"affine": False},
+            purpose="layer norm without weight and bias",
+        ),
+    ]
+)
+
+_BY_ID = {case.id: case for case in CASES}
+if len(_BY_ID) != len(CASES):  # pragma: no cover - a programming error in this file
+    raise RuntimeError("duplicate conformance case ids")
+
+
+def get_case(case_id: str) -> Case:
+    """The case with this id.
+
+    :raises KeyError: listing nothing but the unknown id (see :data:`CASES` for all).
+    """
+    try:
+        return _BY_ID[case_id]
+    except KeyError:
+        raise KeyError(f"no conformance case {case_id!r}") from None

@@ -1,0 +1,305 @@
+"""Play a conformance case on a backend and on the float64 reference, and compare.
+
+Used by the pytest suite (:mod:`normkit.testing.suite`) and by ``normkit check``. The
+reference side re-implements the layer's train/eval decisions from the spec on purpose: it
+shares nothing with :mod:`normkit.layers` but the preset table, so it checks the layers too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import normkit
+from normkit import presets, reference
+from normkit._registry import load_backend
+from normkit.hookspecs import BackendInfo
+from normkit.testing.cases import Case
+from normkit.testing.tolerances import EPS, compute_dtype, output_tolerance, statistics_tolerance
+
+__all__ = ["CaseResult", "StepOutput", "run_case"]
+
+LAYERS = {
+    "batch_norm": normkit.BatchNorm,
+    "instance_norm": normkit.InstanceNorm,
+    "layer_norm": normkit.LayerNorm,
+}
+
+
+@dataclass
+class StepOutput:
+    """One call's output as float64 NumPy, with its reference and allowed error."""
+
+    y: np.ndarray
+    reference: np.ndarray
+    bound: np.ndarray
+
+
+@dataclass
+class CaseResult:
+    """The outcome of one case on one backend."""
+
+    case: Case
+    backend: str
+    device: str | None
+    skipped: str | None = None
+    failures: list[str] = field(default_factory=list)
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    outputs: list[StepOutput] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.skipped is None and not self.failures
+
+    def repro(self) -> str:
+        """A snippet that replays the case and shows the calls involved."""
+        case = self.case
+        x = f"np.random.default_rng([{case.seed}, step]).normal({case.loc}, {case.scale}, size={case.input(0).shape}).astype({case.dtype!r})"
+        if case.noncontiguous:
+            x += "[..., ::2]"
+        options = dict(case.options)
+        return (
+            f"case {case.id!r} (seed {case.seed}) on backend {self.backend!r}, device {self.device!r}\n"
+            f"  replay:  from normkit.testing import get_case, run_case\n"
+            f"           print(run_case(get_case({case.id!r}), backend={self.backend!r}, device={self.device!r}).report())\n"
+            f"  calls:   layer = normkit.{LAYERS[case.op].__name__}(**{options!r}, backend={self.backend!r})\n"
+            f"           layer.load_state_dict(<get_case({case.id!r}).initial_state(), in the backend>)\n"
+            f"           for step, mode in enumerate({case.steps!r}): layer.train(mode == 'train'); y = layer(x)\n"
+            f"           with x = {x}"
+        )
+
+    def report(self) -> str:
+        status = "skipped: " + self.skipped if self.skipped else ("passed" if self.passed else "FAILED")
+        lines = [
+            f"{self.case.id} on {self.backend}: {status} (max abs error {self.max_abs_error:.3g}, "
+            f"max rel error {self.max_rel_error:.3g})"
+        ]
+        lines += [f"  - {failure}" for failure in self.failures]
+        if self.failures:
+            lines.append(self.repro())
+        return "\n".join(lines)
+
+
+@dataclass
+class _ReferenceState:
+    arrays: dict[str, np.ndarray]
+    count: int = 0
+
+
+def _options(case: Case) -> dict[str, Any]:
+    """The case's layer options with every preset default filled in (from the preset table)."""
+    o = dict(case.options)
+    p = presets.get_preset(o.get("preset", "torch"))
+    if case.op == "layer_norm":
+        eps = o.get("eps", p.layer_norm_eps)
+        axes = tuple(range(len(case.shape) - len(case.param_shape()), len(case.shape)))
+        if o.get("axis") is not None:
+            raw = (o["axis"],) if isinstance(o["axis"], int) else o["axis"]
+            axes = tuple(sorted(a % len(case.shape) for a in raw))
+        affine = o.get("affine", True)
+        return {"eps": eps, "axes": axes, "affine": affine, "bias": affine and o.get("bias", True)}
+    momentum = o.get("momentum", p.momentum)
+    weights = o.get("momentum_weights", p.momentum_weights)
+    default_affine = True if case.op == "batch_norm" else p.instance_norm_affine
+    return {
+        "eps": o.get("eps", p.batch_norm_eps if case.op == "batch_norm" else p.instance_norm_eps),
+        "momentum": None if momentum is None else presets.batch_weight(momentum, weights),
+        "unbiased": o.get("running_var_estimator", p.running_var_estimator) == "unbiased",
+        "axis": case.channel_axis,
+        "affine": o.get("affine", default_affine),
+        "track": o.get("track_running_stats", case.op == "batch_norm"),
+    }
+
+
+def _reference_step(
+    case: Case, o: dict[str, Any], state: _ReferenceState, x: np.ndarray, training: bool
+) -> np.ndarray:
+    w = state.arrays.get("weight")
+    b = state.arrays.get("bias")
+    if case.op == "layer_norm":
+        return reference.layer_norm(x, w, b, axes=o["axes"], eps=o["eps"])
+    if x.size == 0:
+        return np.zeros(x.shape)
+    update = training and o["track"]
+    use_batch = training or not o["track"]
+    count = state.count + 1
+    momentum = (1.0 / count if o["momentum"] is None else o["momentum"]) if update else 0.0
+    rm = state.arrays.get("running_mean") if (update or not use_batch) else None
+    rv = state.arrays.get("running_var") if (update or not use_batch) else None
+    function = reference.batch_norm if case.op == "batch_norm" else reference.instance_norm
+    flag = "training" if case.op == "batch_norm" else "use_input_stats"
+    y, new_mean, new_var = function(
+        x,
+        w,
+        b,
+        rm,
+        rv,
+        **{flag: use_batch},
+        momentum=momentum,
+        eps=o["eps"],
+        axis=o["axis"],
+        unbiased_running_var=o["unbiased"],
+    )
+    if update:
+        state.arrays["running_mean"], state.arrays["running_var"] = new_mean, new_var
+        state.count = count
+    return y
+
+
+def _expected_keys(case: Case, o: dict[str, Any]) -> list[str]:
+    if case.op == "layer_norm":
+        return (["weight"] if o["affine"] else []) + (["bias"] if o["bias"] else [])
+    return (["weight", "bias"] if o["affine"] else []) + (
+        ["running_mean", "running_var"] if o["track"] else []
+    )
+
+
+def _snapshot(info: BackendInfo, layer: Any) -> dict[str, Any]:
+    state = layer.state_dict()
+    return {
+        k: (info.to_numpy(v) if k not in ("num_batches_tracked", "_metadata") else v)
+        for k, v in state.items()
+    }
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for key in a:
+        if isinstance(a[key], np.ndarray):
+            if not np.array_equal(a[key], b[key], equal_nan=True):
+                return False
+        elif a[key] != b[key]:
+            return False
+    return True
+
+
+def _as64(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array).astype(np.float64)
+
+
+def run_case(
+    case: Case, backend: str = "numpy", device: str | None = None, *, raise_errors: bool = False
+) -> CaseResult:
+    """Run ``case`` on the backend named ``backend`` and compare with the reference.
+
+    :param raise_errors: let an exception from the backend propagate (with the repro snippet
+        attached as a note) instead of recording it as a failure.
+    """
+    result = CaseResult(case, backend, device)
+    info = load_backend(backend)
+    if case.dtype not in info.dtypes:
+        result.skipped = f"backend {backend!r} does not support {case.dtype}"
+        return result
+    if device is not None and device not in info.devices:
+        result.skipped = f"backend {backend!r} has no device {device!r}"
+        return result
+    try:
+        _play(case, info, backend, device, result)
+    except Exception as error:
+        if raise_errors:
+            _add_note(error, result.repro())
+            raise
+        result.failures.append(f"raised {type(error).__name__}: {error}")
+    return result
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    if hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(note)
+
+
+def _play(case: Case, info: BackendInfo, backend: str, device: str | None, result: CaseResult) -> None:
+    o = _options(case)
+    layer = LAYERS[case.op](**case.options, backend=backend)
+    initial = case.initial_state()
+    keys = _expected_keys(case, o)
+    tracks = case.op != "layer_norm" and o["track"]
+    if keys:
+        state_dict: dict[str, Any] = {k: info.asarray(initial[k], case.state_dtype, device) for k in keys}
+        if tracks:
+            state_dict["num_batches_tracked"] = 0
+        layer.load_state_dict(state_dict)
+    clean = _ReferenceState({k: _as64(initial[k]) for k in keys})
+    perturbed = _ReferenceState({k: _as64(initial[k]) for k in keys})
+    eps_c = EPS[compute_dtype(case.dtype)]
+    tolerance = output_tolerance(case.dtype)
+    magnitude = 0.0
+    for step, mode in enumerate(case.steps):
+        training = mode == "train"
+        wide = case.input(step)
+        x_np = wide[..., ::2] if case.noncontiguous else wide
+        x = info.asarray(wide, case.dtype, device)
+        if case.noncontiguous:
+            x = x[..., ::2]
+        before = info.to_numpy(x)
+        state_before = _snapshot(info, layer) if (keys or tracks) else {}
+        layer.train(training)
+        y = layer(x)
+        where = f"step {step} ({mode})"
+        if not np.array_equal(info.to_numpy(x), before, equal_nan=True):
+            result.failures.append(f"{where}: the input was modified")
+        if info.dtype_name(y) != case.dtype:
+            result.failures.append(f"{where}: output dtype {info.dtype_name(y)}, expected {case.dtype}")
+        if tuple(info.shape(y)) != tuple(x_np.shape):
+            result.failures.append(f"{where}: output shape {tuple(info.shape(y))}, expected {x_np.shape}")
+        if not training and (keys or tracks) and not _same(state_before, _snapshot(info, layer)):
+            result.failures.append(f"{where}: eval changed the layer's state")
+        if case.op == "layer_norm":
+            other = info.to_numpy(layer.train(not training)(x))
+            if not np.array_equal(other, info.to_numpy(y), equal_nan=True):
+                result.failures.append(f"{where}: layer norm differs between training and eval")
+
+        x64 = _as64(x_np)
+        magnitude = max(magnitude, float(np.abs(x64).max()) if x64.size else 0.0)
+        u = np.random.default_rng([case.seed, step, 7]).uniform(-1.0, 1.0, size=x64.shape)
+        y_ref = _reference_step(case, o, clean, x64, training)
+        y_pert = _reference_step(case, o, perturbed, x64 * (1.0 + eps_c * u), training)
+        conditioning = float(np.abs(y_ref - y_pert).max()) if y_ref.size else 0.0
+        _compare(
+            result, where, _as64(info.to_numpy(y)), y_ref, tolerance.bound(y_ref, conditioning), record=True
+        )
+
+    if tracks:
+        final = layer.state_dict()
+        if final["num_batches_tracked"] != clean.count:
+            result.failures.append(
+                f"num_batches_tracked is {final['num_batches_tracked']}, expected {clean.count}"
+            )
+        for key, statistic in (("running_mean", "mean"), ("running_var", "var")):
+            got = _as64(info.to_numpy(final[key]))
+            if info.dtype_name(final[key]) != case.state_dtype:
+                result.failures.append(
+                    f"{key} has dtype {info.dtype_name(final[key])}, expected {case.state_dtype}"
+                )
+            ref = clean.arrays[key]
+            conditioning = float(np.abs(ref - perturbed.arrays[key]).max())
+            bound = statistics_tolerance(case.dtype, statistic, magnitude).bound(ref, conditioning)
+            _compare(result, key, got, ref, bound, record=False)
+
+
+def _compare(
+    result: CaseResult, where: str, got: np.ndarray, ref: np.ndarray, bound: np.ndarray, *, record: bool
+) -> None:
+    if record:
+        result.outputs.append(StepOutput(got, ref, bound))
+    if got.size == 0:
+        return
+    error = np.abs(got - ref)
+    bad = ~(error <= bound)  # NaN counts as bad
+    scale = float(np.abs(ref).max())
+    max_error = float(np.nanmax(error)) if not np.all(np.isnan(error)) else math.inf
+    if np.any(np.isnan(error)):
+        max_error = math.inf
+    result.max_abs_error = max(result.max_abs_error, max_error)
+    result.max_rel_error = max(result.max_rel_error, max_error / scale if scale > 0 else max_error)
+    if np.any(bad):
+        index = np.unravel_index(int(np.argmax(np.where(bad, error - bound, -np.inf))), error.shape)
+        result.failures.append(
+            f"{where}: {int(bad.sum())} of {error.size} values outside tolerance; worst at {tuple(int(i) for i in index)}: "
+            f"got {got[index]!r}, reference {ref[index]!r}, allowed error {bound[index]:.3g}"
+        )

@@ -1,0 +1,182 @@
+"""``ConformanceTests``: the suite a backend subclasses to check itself against the spec.
+
+.. code-block:: python
+
+    # conftest.py
+    pytest_plugins = ["normkit.testing.plugin"]
+
+    # test_conformance.py
+    from normkit.testing import ConformanceTests
+
+    class TestMyBackend(ConformanceTests):
+        backend = "mybackend"
+
+Each case of :data:`normkit.testing.cases.CASES` becomes ``test_case[<id>]``; hypothesis adds
+random cases and the test-time properties (in eval a sample's output does not depend on the
+rest of its batch; in training it does). Unsupported dtypes and devices skip by themselves,
+from the backend's :class:`~normkit.hookspecs.BackendInfo`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import normkit
+from normkit import hookspecs
+from normkit._registry import OPS, backend_named, load_backend
+from normkit.testing import strategies
+from normkit.testing.cases import CASES, Case, numpy_dtype
+from normkit.testing.runner import run_case
+from normkit.testing.tolerances import output_tolerance
+
+__all__ = ["ConformanceTests"]
+
+
+def _settings(config: pytest.Config) -> settings:
+    return settings(
+        max_examples=config.getoption("normkit_max_examples", 25),
+        derandomize=config.getoption("normkit_derandomize", False),
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        database=None,
+    )
+
+
+class ConformanceTests:
+    """Subclass and set ``backend`` to the backend's registered name."""
+
+    backend: ClassVar[str]
+
+    def _device(self, config: pytest.Config) -> str | None:
+        return config.getoption("normkit_device", None)
+
+    def _asarray(self, array: np.ndarray, dtype: str, config: pytest.Config) -> Any:
+        return load_backend(self.backend).asarray(array, dtype, self._device(config))
+
+    @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+    def test_case(self, case: Case, pytestconfig: pytest.Config) -> None:
+        result = run_case(case, self.backend, self._device(pytestconfig), raise_errors=True)
+        if result.skipped:
+            pytest.skip(result.skipped)
+        assert result.passed, result.report()
+
+    def test_kernel_signatures_match_the_spec(self, pytestconfig: pytest.Config) -> None:
+        info = load_backend(self.backend)
+        sample = self._asarray(np.zeros(2), info.dtypes[-1], pytestconfig)
+        backend = backend_named(self.backend, sample)
+        for op in OPS:
+            spec = list(inspect.signature(getattr(hookspecs, f"normkit_{op}")).parameters)
+            kernel = getattr(backend, op)
+            if kernel.__name__ == f"missing_{op}":
+                continue
+            assert list(inspect.signature(kernel).parameters) == spec, (
+                f"{op}: parameters differ from the spec"
+            )
+
+    def test_random_cases_agree_with_the_reference(self, pytestconfig: pytest.Config) -> None:
+        info = load_backend(self.backend)
+        device = self._device(pytestconfig)
+
+        @_settings(pytestconfig)
+        @given(case=strategies.cases(tuple(d for d in info.dtypes if d != "bfloat16") or info.dtypes))
+        def check(case: Case) -> None:
+            result = run_case(case, self.backend, device, raise_errors=True)
+            assume(result.skipped is None)
+            assert result.passed, result.report()
+
+        check()
+
+    def _trained_layer(self, layer: Any, x: np.ndarray, dtype: str, config: pytest.Config) -> Any:
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            layer(self._asarray(rng.normal(2.0, 3.0, size=x.shape), dtype, config))
+        return layer
+
+    def test_eval_output_of_a_sample_does_not_depend_on_its_batch(self, pytestconfig: pytest.Config) -> None:
+        info = load_backend(self.backend)
+
+        @_settings(pytestconfig)
+        @given(
+            op=st.sampled_from(["batch_norm", "instance_norm"]),
+            dtype=st.sampled_from([d for d in ("float32", "float64") if d in info.dtypes]),
+            batch=st.integers(2, 6),
+            channels=st.integers(1, 4),
+            spatial=st.lists(st.integers(2, 4), min_size=1, max_size=2),
+            seed=st.integers(0, 2**16),
+        )
+        def check(op: str, dtype: str, batch: int, channels: int, spatial: list[int], seed: int) -> None:
+            shape = (batch, channels, *spatial)
+            layer_class = normkit.BatchNorm if op == "batch_norm" else normkit.InstanceNorm
+            layer = layer_class(track_running_stats=True, backend=self.backend)
+            layer = self._trained_layer(layer, np.empty(shape), dtype, pytestconfig).eval()
+            rng = np.random.default_rng(seed)
+            x = rng.normal(2.0, 3.0, size=shape).astype(numpy_dtype(dtype))
+            other = x.copy()
+            other[1:] = rng.normal(-5.0, 0.5, size=other[1:].shape)
+            whole = info.to_numpy(layer(self._asarray(x, dtype, pytestconfig))).astype(np.float64)
+            changed = info.to_numpy(layer(self._asarray(other, dtype, pytestconfig))).astype(np.float64)
+            alone = info.to_numpy(layer(self._asarray(x[:1], dtype, pytestconfig))).astype(np.float64)
+            bound = output_tolerance(dtype).bound(whole[:1], 0.0)
+            assert np.all(np.abs(changed[:1] - whole[:1]) <= bound), (
+                "eval output of sample 0 changed with the rest of the batch"
+            )
+            assert np.all(np.abs(alone - whole[:1]) <= bound), (
+                "eval output of sample 0 differs when it is alone"
+            )
+
+        check()
+
+    def test_training_output_of_a_sample_depends_on_its_batch(self, pytestconfig: pytest.Config) -> None:
+        info = load_backend(self.backend)
+
+        @_settings(pytestconfig)
+        @given(
+            dtype=st.sampled_from([d for d in ("float32", "float64") if d in info.dtypes]),
+            batch=st.integers(3, 6),  # with two values, any two distinct values normalize to -1, +1
+            channels=st.integers(1, 4),
+            spatial=st.lists(st.integers(1, 4), max_size=2),
+            seed=st.integers(0, 2**16),
+        )
+        def check(dtype: str, batch: int, channels: int, spatial: list[int], seed: int) -> None:
+            shape = (batch, channels, *spatial)
+            rng = np.random.default_rng(seed)
+            x = rng.normal(0.0, 1.0, size=shape).astype(numpy_dtype(dtype))
+            other = x.copy()
+            other[1:] = rng.normal(3.0, 0.5, size=other[1:].shape)  # moves the batch mean by > 1
+            y = info.to_numpy(normkit.BatchNorm(backend=self.backend)(self._asarray(x, dtype, pytestconfig)))
+            y_other = info.to_numpy(
+                normkit.BatchNorm(backend=self.backend)(self._asarray(other, dtype, pytestconfig))
+            )
+            difference = np.abs(y[:1].astype(np.float64) - y_other[:1].astype(np.float64)).max()
+            assert difference > 1e3 * output_tolerance(dtype).atol, (
+                "training output of sample 0 ignored the rest of its batch"
+            )
+
+        check()
+
+    def test_instance_norm_in_training_treats_each_sample_alone(self, pytestconfig: pytest.Config) -> None:
+        info = load_backend(self.backend)
+
+        @_settings(pytestconfig)
+        @given(
+            dtype=st.sampled_from([d for d in ("float32", "float64") if d in info.dtypes]),
+            batch=st.integers(2, 6),
+            channels=st.integers(1, 4),
+            spatial=st.lists(st.integers(2, 5), min_size=1, max_size=2),
+            seed=st.integers(0, 2**16),
+        )
+        def check(dtype: str, batch: int, channels: int, spatial: list[int], seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            x = rng.normal(1.0, 2.0, size=(batch, channels, *spatial)).astype(numpy_dtype(dtype))
+            layer = normkit.InstanceNorm(backend=self.backend)
+            whole = info.to_numpy(layer(self._asarray(x, dtype, pytestconfig))).astype(np.float64)
+            alone = info.to_numpy(layer(self._asarray(x[-1:], dtype, pytestconfig))).astype(np.float64)
+            assert np.all(np.abs(alone - whole[-1:]) <= output_tolerance(dtype).bound(whole[-1:], 0.0))
+
+        check()

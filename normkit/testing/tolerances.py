@@ -1,0 +1,84 @@
+r"""One tolerance policy, derived from machine epsilon.
+
+Every backend is compared with the float64 reference (:mod:`normkit.reference`) computed on
+exactly the same inputs. For an output ``y`` in storage dtype ``d`` computed in compute dtype
+``c`` (float32, or float64 for float64 input):
+
+.. math::
+
+   |y_b - y_{ref}| \le r\,|y_{ref}| + r + K\,\Delta, \qquad r = \epsilon_d + 64\,\epsilon_c ,
+
+* :math:`\epsilon_d` covers the final rounding to the storage dtype;
+* :math:`64\,\epsilon_c` covers rounding inside a reasonable algorithm (reductions of up to
+  millions of terms in pairwise, blocked or float64 accumulation);
+* :math:`\Delta` is the conditioning of the case itself: how far the exact output moves when
+  every input is perturbed by one unit in the last place of the compute dtype,
+  :math:`x(1 + \epsilon_c u)`, :math:`u \in [-1, 1]`. A backward-stable algorithm cannot do
+  better, so an ill-conditioned case (a mean offset of :math:`10^4\sigma`) is judged by what
+  its conditioning allows, while :math:`E[x^2]-E[x]^2`, which is not backward stable, still
+  fails by orders of magnitude. ``K = 8``.
+
+Running statistics are stored in float32 (float64 for float64 input) and pass through one
+rounding per update:
+
+.. math::
+
+   |s_b - s_{ref}| \le 64\,\epsilon_s\,|s_{ref}| + a_s + K\,\Delta ,
+
+with :math:`a_s = 64\,\epsilon_c M` for the mean and :math:`a_s = (16\,\epsilon_c M)^2` for the
+variance, where ``M`` is the largest input magnitude seen (a float32 mean of data at
+:math:`10^4` is only known to :math:`\epsilon_c \cdot 10^4`, and its error enters the variance
+squared).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "CONDITIONING_FACTOR",
+    "EPS",
+    "Tolerance",
+    "compute_dtype",
+    "output_tolerance",
+    "statistics_tolerance",
+]
+
+EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
+"""Machine epsilon (spacing of 1.0 to the next value) per dtype name."""
+
+CONDITIONING_FACTOR = 8.0
+"""``K``: how many times the case's own conditioning a backend may lose."""
+
+
+def compute_dtype(dtype: str) -> str:
+    """The spec's compute dtype for an input dtype."""
+    return "float64" if dtype == "float64" else "float32"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``|got - ref| <= rtol*|ref| + atol + K*conditioning`` elementwise."""
+
+    rtol: float
+    atol: float
+
+    def bound(self, reference: np.ndarray, conditioning: float) -> np.ndarray:
+        return self.rtol * np.abs(reference) + self.atol + CONDITIONING_FACTOR * conditioning
+
+
+def output_tolerance(dtype: str) -> Tolerance:
+    """Tolerance for a normalized output of the given input dtype."""
+    r = EPS[dtype] + 64 * EPS[compute_dtype(dtype)]
+    return Tolerance(rtol=r, atol=r)
+
+
+def statistics_tolerance(dtype: str, statistic: str, magnitude: float) -> Tolerance:
+    """Tolerance for a running statistic (``"mean"`` or ``"var"``) after training on inputs
+    of the given dtype whose largest magnitude is ``magnitude``."""
+    eps_c = EPS[compute_dtype(dtype)]
+    eps_stored = EPS[compute_dtype(dtype)]
+    atol = 64 * eps_c * magnitude if statistic == "mean" else (16 * eps_c * magnitude) ** 2
+    return Tolerance(rtol=64 * eps_stored, atol=atol)
