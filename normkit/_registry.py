@@ -166,9 +166,9 @@ class _Registry:
 
     def _load_imported_frameworks(self) -> None:
         """Register every installed backend whose framework is already imported."""
+        pm = self.manager()  # reads the switches
         if not self.autoload:
             return
-        pm = self.manager()
         for ep in self.entry_points():
             if ep.name in sys.modules and not pm.is_blocked(ep.name) and not pm.has_plugin(ep.name):
                 self._register(ep.load(), ep.name)

@@ -173,7 +173,8 @@ class _Layer:
     def __repr__(self) -> str:
         config = self._config()
         first = config.pop(self._repr_first)
-        args = ", ".join(f"{k}={v!r}" for k, v in config.items())
+        first = tuple(first) if isinstance(first, list) else first
+        args = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in config.items())
         return f"{type(self).__name__}({first!r}, {args})"
 
     _repr_first: ClassVar[str]

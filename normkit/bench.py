@@ -1,0 +1,264 @@
+r"""``normkit bench``: each backend's ops against the framework's native op and the memory floor.
+
+For every workload and mode, three things are timed in the same run, interleaved round by
+round so that machine noise hits them alike:
+
+* the normkit op on the backend's arrays (:func:`normkit.batch_norm` etc.);
+* the *native* op of the reference framework on the same data (PyTorch's ``F.batch_norm``,
+  ``F.layer_norm``, ``F.instance_norm``; for the NumPy backend, PyTorch on the CPU);
+* the *bandwidth floor*: a copy of the input into a preallocated output in the backend's own
+  framework. Normalization reads ``x`` and writes ``y`` at least once, so no implementation can
+  beat a copy.
+
+Reported: the median time of each, and the medians of the per-round ratios normkit/native and
+normkit/floor. The spread of the floor's times (interquartile range / median) is reported as
+the machine's noise. These are measurements, never assertions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+import normkit
+from normkit._registry import load_backend
+
+__all__ = ["WORKLOADS", "BenchResult", "Workload", "run_bench"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """An input shape for one op; ``axis`` is the channel axis (batch/instance norm)."""
+
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    axis: int = 1
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("train",) if self.op == "layer_norm" else ("train", "eval")
+
+    @property
+    def channels(self) -> int:
+        return self.shape[self.axis]
+
+
+WORKLOADS: tuple[Workload, ...] = (
+    Workload("bn2d-nchw", "batch_norm", (32, 64, 56, 56)),
+    Workload("bn2d-nhwc", "batch_norm", (32, 56, 56, 64), axis=-1),
+    Workload("bn1d", "batch_norm", (4096, 1024)),
+    Workload("ln-768", "layer_norm", (64, 512, 768), axis=-1),
+    Workload("in2d", "instance_norm", (16, 64, 64, 64)),
+)
+
+
+@dataclass
+class BenchResult:
+    """Timings (milliseconds) of one workload, mode and backend."""
+
+    workload: str
+    shape: tuple[int, ...]
+    dtype: str
+    mode: str
+    backend: str
+    native: str | None
+    normkit_ms: float
+    native_ms: float | None
+    floor_ms: float
+    ratio_to_native: float | None
+    ratio_to_floor: float
+    noise: float
+    rounds: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _normkit_call(
+    workload: Workload, mode: str, backend: str, x: Any, params: dict[str, Any]
+) -> Callable[[], Any]:
+    training = mode == "train"
+    if workload.op == "layer_norm":
+        return lambda: normkit.layer_norm(
+            x, workload.shape[-1], params["weight"], params["bias"], backend=backend
+        )
+    if workload.op == "batch_norm":
+        return lambda: normkit.batch_norm(
+            x, params["running_mean"], params["running_var"], params["weight"], params["bias"],
+            training=training, axis=workload.axis, backend=backend,
+        )  # fmt: skip
+    return lambda: normkit.instance_norm(
+        x, params["running_mean"], params["running_var"], params["weight"], params["bias"],
+        use_input_stats=training, axis=workload.axis, backend=backend,
+    )  # fmt: skip
+
+
+def _torch_native(workload: Workload, mode: str, x: np.ndarray) -> Callable[[], Any]:
+    """PyTorch's own op on the CPU, on the same data (channels-last as a memory format)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(x)
+    if workload.op != "layer_norm" and workload.axis != 1:
+        t = t.movedim(workload.axis, 1)  # logical NCHW view of channels-last memory
+    size = workload.shape[-1] if workload.op == "layer_norm" else workload.channels
+    weight, bias = torch.ones(size), torch.zeros(size)
+    if workload.op == "layer_norm":
+        return lambda: F.layer_norm(t, (size,), weight, bias, 1e-5)
+    mean, var = torch.zeros(size), torch.ones(size)
+    training = mode == "train"
+    if workload.op == "batch_norm":
+        return lambda: F.batch_norm(t, mean, var, weight, bias, training, 0.1, 1e-5)
+    return lambda: F.instance_norm(t, mean, var, weight, bias, training, 0.1, 1e-5)
+
+
+NATIVE: dict[str, Callable[[Workload, str, np.ndarray], Callable[[], Any]]] = {"torch": _torch_native}
+"""Native ops by framework: build a no-argument callable from a NumPy input."""
+
+NATIVE_FOR_BACKEND = {"numpy": "torch"}
+"""The framework whose op a backend is compared with (default: the backend's own name)."""
+
+
+def _floor(info: Any, x: Any) -> Callable[[], Any]:
+    """A copy of ``x`` into a preallocated output, in the backend's framework."""
+    if isinstance(x, np.ndarray):
+        out = np.empty_like(x)
+        return lambda: np.copyto(out, x)
+    out = x.clone() if hasattr(x, "clone") else None
+    if out is not None and hasattr(out, "copy_"):
+        return lambda: out.copy_(x)
+    raise NotImplementedError(f"no bandwidth floor for {type(x)}")
+
+
+def _time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():  # warm-up: caches, allocators, lazy imports
+        call()
+        call()
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def _noise(samples: list[float]) -> float:
+    q = statistics.quantiles(samples, n=4)
+    return (q[2] - q[0]) / statistics.median(samples)
+
+
+def run_bench(
+    backends: list[str],
+    workloads: tuple[Workload, ...] = WORKLOADS,
+    rounds: int = 20,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchResult]:
+    """Time every workload and mode on every backend; see the module docstring."""
+    jobs = [(w, m, b) for w in workloads for m in w.modes for b in backends]
+    results = []
+    for index, (workload, mode, backend) in enumerate(jobs, 1):
+        if progress:
+            progress(f"[{index}/{len(jobs)}] {workload.name} {mode} on {backend}")
+        info = load_backend(backend)
+        x_np = np.random.default_rng(0).standard_normal(workload.shape).astype(workload.dtype)
+        x = info.asarray(x_np, workload.dtype, None)
+        channels = workload.channels if workload.op != "layer_norm" else workload.shape[-1]
+        params = {
+            k: info.asarray(np.full(channels, v, dtype=np.float32), "float32", None)
+            for k, v in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0))
+        }
+        calls = {"normkit": _normkit_call(workload, mode, backend, x, params), "floor": _floor(info, x)}
+        native = NATIVE_FOR_BACKEND.get(backend, backend)
+        if native in NATIVE and importlib.util.find_spec(native) is not None:
+            calls["native"] = NATIVE[native](workload, mode, x_np)
+        else:
+            native = None
+        times = _time_interleaved(calls, rounds)
+        extra = {}
+        if native == "torch":
+            import torch
+
+            extra["torch_threads"] = torch.get_num_threads()
+        results.append(
+            BenchResult(
+                workload=workload.name,
+                shape=workload.shape,
+                dtype=workload.dtype,
+                mode=mode,
+                backend=backend,
+                native=native,
+                normkit_ms=statistics.median(times["normkit"]),
+                native_ms=statistics.median(times["native"]) if native else None,
+                floor_ms=statistics.median(times["floor"]),
+                ratio_to_native=_median_ratio(times["normkit"], times["native"]) if native else None,
+                ratio_to_floor=_median_ratio(times["normkit"], times["floor"]),
+                noise=_noise(times["floor"]),
+                rounds=rounds,
+                extra=extra,
+            )
+        )
+    return results
+
+
+def format_table(results: list[BenchResult], markdown: bool = False) -> str:
+    """The results as an aligned text table, or a Markdown table."""
+    header = [
+        "workload",
+        "shape",
+        "mode",
+        "backend",
+        "normkit ms",
+        "native ms",
+        "floor ms",
+        "x native",
+        "x floor",
+        "noise",
+    ]
+    rows = []
+    for r in results:
+        native = f"{r.native_ms:.2f} ({r.native})" if r.native_ms is not None else "n/a"
+        ratio = f"{r.ratio_to_native:.2f}" if r.ratio_to_native is not None else "n/a"
+        rows.append([
+            r.workload, "x".join(map(str, r.shape)) + f" {r.dtype}", r.mode, r.backend, f"{r.normkit_ms:.2f}",
+            native, f"{r.floor_ms:.2f}", ratio, f"{r.ratio_to_floor:.2f}", f"{100 * r.noise:.0f}%",
+        ])  # fmt: skip
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
+    )
+
+
+def write_json(results: list[BenchResult], path: str) -> None:
+    """Save the results with the machine they ran on."""
+    import os
+    import platform
+
+    payload = {
+        "machine": {
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "cpus": os.cpu_count(),
+        },
+        "numpy": np.__version__,
+        "normkit": normkit.__version__,
+        "results": [asdict(r) for r in results],
+    }
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2)

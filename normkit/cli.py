@@ -1,0 +1,156 @@
+"""The ``normkit`` command (also ``python -m normkit``).
+
+``normkit info``
+    normkit's version, and every backend: installed, loaded or blocked, with the versions of
+    its distribution and its framework. Reads package metadata only; imports no framework.
+``normkit check [--backend NAME ...] [--device DEVICE]``
+    runs the conformance cases on every installed backend and prints the agreement matrix
+    (largest error against the float64 reference per operation x dtype x backend) and, with
+    several backends, the pairwise matrix. Exits with 1 if anything fails.
+``normkit bench [--backend NAME ...] [--workload NAME ...] [--rounds N] [--json PATH] [--markdown]``
+    times each backend's ops against the framework's native op and a memory-bandwidth floor
+    measured in the same run, and prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+
+import normkit
+from normkit._registry import AUTOLOAD_ENV, BLOCK_ENV, registry
+
+__all__ = ["main"]
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _framework_version(module: str) -> str:
+    if importlib.util.find_spec(module) is None:
+        return f"{module} not installed"
+    distributions = importlib.metadata.packages_distributions().get(module, [module])
+    return f"{module} {_version(distributions[0])}"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    reg = registry()
+    reg.manager()
+    print(f"normkit {normkit.__version__} (spec version {normkit.SPEC_VERSION})")
+    print(
+        f"autoload: {'on' if reg.autoload else 'off'} ({AUTOLOAD_ENV}={os.environ.get(AUTOLOAD_ENV, '')!r})"
+    )
+    print(f"blocked:  {', '.join(sorted(reg.blocked)) or 'none'} ({BLOCK_ENV})")
+    print()
+    loaded = set(reg.loaded())
+    rows = [
+        ["backend", "provided by", "framework", "status"],
+        ["numpy", f"normkit {normkit.__version__}", _framework_version("numpy"), "loaded (built in)"],
+    ]
+    for ep in reg.entry_points():
+        dist = ep.dist.name if ep.dist is not None else "?"
+        if ep.name in reg.blocked:
+            status = f"blocked by {BLOCK_ENV}"
+        elif ep.name in loaded:
+            status = "loaded"
+        elif not reg.autoload:
+            status = "installed; autoloading is off"
+        else:
+            status = f"installed; loads when {ep.name} is imported"
+        rows.append([ep.name, f"{dist} {_version(dist)}", _framework_version(ep.name), status])
+    for name in sorted(loaded - {"numpy"} - {ep.name for ep in reg.entry_points()}):
+        rows.append([name, "registered by hand", "", "loaded"])
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from normkit.check import run_check
+    from normkit.testing.cases import CASES
+
+    report = run_check(args.backend or None, device=args.device)
+    print(
+        f"normkit check: {len(CASES)} conformance cases on {', '.join(report.backends)}, against the float64 reference"
+    )
+    print()
+    print(report.agreement_matrix())
+    pairwise = report.pairwise_matrix()
+    if pairwise:
+        print()
+        print("pairwise agreement on the same inputs (allowed: the sum of both tolerances)")
+        print(pairwise)
+    failures = report.failures()
+    print()
+    if failures:
+        print(failures)
+        print("\nnormkit check: FAILED")
+        return 1
+    print("normkit check: every case passes on every backend")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from normkit.bench import WORKLOADS, format_table, run_bench, write_json
+    from normkit.check import available_backends
+
+    workloads = tuple(w for w in WORKLOADS if not args.workload or w.name in args.workload)
+    unknown = set(args.workload or ()) - {w.name for w in WORKLOADS}
+    if unknown:
+        print(f"unknown workload(s) {sorted(unknown)}; known: {[w.name for w in WORKLOADS]}", file=sys.stderr)
+        return 2
+    interactive = sys.stderr.isatty()
+
+    def progress(message: str) -> None:
+        if interactive:
+            print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    results = run_bench(args.backend or available_backends(), workloads, args.rounds, progress)
+    if interactive:
+        print("\r\033[K", end="", file=sys.stderr)
+    print(format_table(results, markdown=args.markdown))
+    if args.json:
+        write_json(results, args.json)
+        print(f"\nresults written to {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normkit", description="normalization layers with one exact specification"
+    )
+    parser.add_argument("--version", action="version", version=f"normkit {normkit.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "info", help="installed, loaded and blocked backends (imports no framework)"
+    ).set_defaults(run=cmd_info)
+    check = commands.add_parser("check", help="every backend against the float64 reference, and pairwise")
+    check.add_argument("--backend", action="append", help="check only this backend (repeatable)")
+    check.add_argument("--device", default=None, help="device for the arrays (default: the backend's first)")
+    check.set_defaults(run=cmd_check)
+    bench = commands.add_parser(
+        "bench", help="time the ops against the native op and the memory-bandwidth floor"
+    )
+    bench.add_argument("--backend", action="append", help="bench only this backend (repeatable)")
+    bench.add_argument("--workload", action="append", help="run only this workload (repeatable)")
+    bench.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
+    bench.add_argument("--json", default=None, help="also write the results to this JSON file")
+    bench.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    bench.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)

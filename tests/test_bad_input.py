@@ -1,0 +1,306 @@
+"""Bad input: a clear, documented error naming the parameter, and no state changed.
+
+Every case starts from a trained layer (and its own arrays, used in functional calls). After the
+error, the layer's running statistics, weights and counter must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import normkit
+from normkit import StateDictError
+
+sys.path.insert(0, str(Path(__file__).parent / "fakefw"))
+import fakefw
+
+C = 3
+rng = np.random.default_rng(0)
+X = rng.normal(2.0, 3.0, size=(8, C, 4, 4)).astype(np.float32)
+
+
+def trained() -> normkit.BatchNorm:
+    layer = normkit.BatchNorm()
+    for _ in range(3):
+        layer(rng.normal(2.0, 3.0, size=(8, C, 4, 4)).astype(np.float32))
+    return layer
+
+
+def functional(layer: normkit.BatchNorm, **options: Any) -> Any:
+    args = {"weight": layer.weight, "bias": layer.bias, "training": True, **options}
+    return normkit.batch_norm(
+        options.pop("x", X),
+        layer.running_mean,
+        layer.running_var,
+        **{k: v for k, v in args.items() if k != "x"},
+    )
+
+
+def with_state(change: Callable[[dict[str, Any]], None]) -> Callable[[normkit.BatchNorm], Any]:
+    def load(layer: normkit.BatchNorm) -> Any:
+        state = dict(layer.state_dict())
+        state["_metadata"] = dict(state["_metadata"])
+        change(state)
+        return layer.load_state_dict(state)
+
+    return load
+
+
+def _pop(key: str) -> Callable[[dict[str, Any]], None]:
+    return lambda state: state.pop(key)
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda state: state.__setitem__(key, value)
+
+
+def _set_metadata(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda state: state["_metadata"].__setitem__(key, value)
+
+
+# (id, call on a trained layer, exception type, text the message must contain)
+CASES: list[tuple[str, Callable[[normkit.BatchNorm], Any], type[Exception], str]] = [
+    (
+        "wrong-rank",
+        lambda layer: layer(np.ones(5, np.float32)),
+        ValueError,
+        "x has shape (5,); batch_norm expects at least 2 dimensions",
+    ),
+    (
+        "channel-mismatch",
+        lambda layer: layer(np.ones((8, 5, 4), np.float32)),
+        ValueError,
+        "x has shape (8, 5, 4): 5 channels on axis 1, but this layer has 3 (num_features)",
+    ),
+    (
+        "integer-dtype",
+        lambda layer: layer(np.ones((8, C), np.int64)),
+        TypeError,
+        "x has dtype int64; batch_norm expects a floating dtype",
+    ),
+    (
+        "one-value-per-channel",
+        lambda layer: layer(np.ones((1, C), np.float32)),
+        ValueError,
+        "x has shape (1, 3): expected more than 1 value per channel",
+    ),
+    (
+        "eps-zero",
+        lambda layer: functional(layer, eps=0.0),
+        ValueError,
+        "eps=0.0: expected a positive finite number",
+    ),
+    ("eps-negative", lambda layer: functional(layer, eps=-1e-5), ValueError, "eps=-1e-05"),
+    ("eps-nan", lambda layer: functional(layer, eps=math.nan), ValueError, "eps=nan"),
+    (
+        "momentum-above-one",
+        lambda layer: functional(layer, momentum=1.5),
+        ValueError,
+        "momentum=1.5: expected a number in [0, 1]",
+    ),
+    ("momentum-negative", lambda layer: functional(layer, momentum=-0.1), ValueError, "momentum=-0.1"),
+    (
+        "momentum-none-in-functional",
+        lambda layer: functional(layer, momentum=None),
+        ValueError,
+        "momentum=None (the cumulative average) needs a batch counter",
+    ),
+    (
+        "weight-wrong-shape",
+        lambda layer: functional(layer, weight=np.ones(5, np.float32)),
+        ValueError,
+        "weight has shape (5,); expected (3,)",
+    ),
+    (
+        "bias-integer",
+        lambda layer: functional(layer, bias=np.zeros(C, np.int32)),
+        TypeError,
+        "bias has dtype int32",
+    ),
+    (
+        "mixed-backends",
+        lambda layer: normkit.batch_norm(fakefw.Array(X), training=True, weight=layer.weight),
+        TypeError,
+        "weight is a numpy.ndarray but x is a fakefw.Array",
+    ),
+    (
+        "unknown-backend",
+        lambda layer: functional(layer, backend="jaxx"),
+        ValueError,
+        "backend='jaxx' is not a loaded normkit backend",
+    ),
+    (
+        "unknown-preset",
+        lambda layer: functional(layer, preset="caffe"),
+        ValueError,
+        "preset='caffe' is not a known preset; expected one of ['flax', 'keras', 'onnx', 'torch']",
+    ),
+    (
+        "unknown-array-type",
+        lambda layer: normkit.batch_norm(X.tolist(), training=True),
+        normkit.NoBackendError,
+        "no normkit backend handles arrays of type list",
+    ),
+    (
+        "axis-out-of-range",
+        lambda layer: functional(layer, axis=4),
+        ValueError,
+        "axis=4 is out of range for an input with 4 dimensions",
+    ),
+    (
+        "running-mean-without-var",
+        lambda layer: normkit.batch_norm(X, layer.running_mean, None, training=True),
+        ValueError,
+        "running_mean is given but running_var is None",
+    ),
+    (
+        "eval-without-running-stats",
+        lambda layer: normkit.batch_norm(X),
+        ValueError,
+        "running_mean and running_var are None: training=False",
+    ),
+    (
+        "momentum-weights",
+        lambda layer: functional(layer, momentum_weights="new"),
+        ValueError,
+        "momentum_weights='new'",
+    ),
+    (
+        "running-var-estimator",
+        lambda layer: functional(layer, running_var_estimator="sample"),
+        ValueError,
+        "running_var_estimator='sample'",
+    ),
+    (
+        "instance-norm-batch-axis",
+        lambda layer: normkit.instance_norm(X, axis=0),
+        ValueError,
+        "axis=0 is the batch axis",
+    ),
+    (
+        "layer-norm-normalized-shape",
+        lambda layer: normkit.layer_norm(X, (5, 4)),
+        ValueError,
+        "normalized_shape=(5, 4) does not match the trailing dimensions",
+    ),
+    (
+        "state-dict-missing-key",
+        with_state(_pop("running_var")),
+        StateDictError,
+        "missing keys ['running_var']",
+    ),
+    (
+        "state-dict-unexpected-key",
+        with_state(_set("running_std", np.ones(C, np.float32))),
+        StateDictError,
+        "unexpected keys ['running_std']",
+    ),
+    (
+        "state-dict-wrong-shape",
+        with_state(_set("running_mean", np.zeros(5, np.float32))),
+        StateDictError,
+        "running_mean has shape (5,); expected (3,)",
+    ),
+    (
+        "state-dict-wrong-dtype",
+        with_state(_set("running_var", np.ones(C, np.float64))),
+        StateDictError,
+        "running_var has dtype float64; this layer's state is float32",
+    ),
+    (
+        "state-dict-counter",
+        with_state(_set("num_batches_tracked", -1)),
+        StateDictError,
+        "num_batches_tracked=-1",
+    ),
+    (
+        "state-dict-newer-format",
+        with_state(_set_metadata("format_version", 99)),
+        StateDictError,
+        "format_version']=99 was written by a newer normkit",
+    ),
+    (
+        "state-dict-other-layer",
+        with_state(_set_metadata("layer", "LayerNorm")),
+        StateDictError,
+        "this state belongs to another layer type; expected 'BatchNorm'",
+    ),
+    (
+        "state-dict-eps",
+        with_state(_set_metadata("eps", 1e-3)),
+        StateDictError,
+        "eps: the state was saved with eps=0.001 but this layer has eps=1e-05",
+    ),
+]
+
+
+def snapshot(layer: normkit.BatchNorm) -> dict[str, Any]:
+    state = layer.state_dict()
+    return {key: np.array(value, copy=True) for key, value in state.items() if key != "_metadata"}
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"), [case[1:] for case in CASES], ids=[case[0] for case in CASES]
+)
+def test_bad_input_raises_a_clear_error_and_changes_no_state(
+    call: Callable[[Any], Any], error: type[Exception], message: str
+) -> None:
+    layer = trained()
+    arrays_before = {k: layer.state_dict()[k] for k in ("weight", "bias", "running_mean", "running_var")}
+    before = snapshot(layer)
+    with pytest.raises(error) as raised:
+        call(layer)
+    assert message in str(raised.value)
+    after = snapshot(layer)
+    assert before.keys() == after.keys()
+    for key in before:
+        assert np.array_equal(before[key], after[key]), f"{key} changed"
+        if key in arrays_before:
+            assert layer.state_dict()[key] is arrays_before[key], f"{key} was replaced"
+
+
+def test_the_table_has_at_least_fifteen_cases() -> None:
+    assert len(CASES) >= 15
+
+
+def test_a_failed_first_call_creates_no_state() -> None:
+    layer = normkit.BatchNorm()
+    with pytest.raises(TypeError):
+        layer(np.ones((4, 3), np.int32))
+    assert layer.running_mean is None and layer.num_batches_tracked == 0
+
+
+def test_an_empty_batch_passes_through_and_changes_no_state() -> None:
+    layer = trained()
+    before = snapshot(layer)
+    y = layer(np.zeros((0, C, 4, 4), np.float32))
+    assert y.shape == (0, C, 4, 4) and y.dtype == np.float32
+    after = snapshot(layer)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert layer.num_batches_tracked == 3
+    y, mean, var = normkit.batch_norm(np.zeros((0, C)), layer.running_mean, layer.running_var, training=True)
+    assert y.shape == (0, C) and mean is layer.running_mean and var is layer.running_var
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: normkit.BatchNorm(eps=0), "eps=0"),
+        (lambda: normkit.BatchNorm(momentum=2.0), "momentum=2.0"),
+        (lambda: normkit.BatchNorm(num_features=0), "num_features=0"),
+        (lambda: normkit.BatchNorm(preset="mxnet"), "preset='mxnet'"),
+        (lambda: normkit.InstanceNorm(running_var_estimator="ddof1"), "running_var_estimator='ddof1'"),
+        (lambda: normkit.LayerNorm(4, axis=-1), "pass normalized_shape or axis, not both"),
+    ],
+)
+def test_bad_layer_configuration_is_rejected_at_construction(build: Callable[[], Any], message: str) -> None:
+    with pytest.raises(ValueError, match=None) as raised:
+        build()
+    assert message in str(raised.value)

@@ -1,0 +1,129 @@
+"""The NumPy backend's numerics against the float64 reference in the hard cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import normkit
+from normkit import reference
+
+
+def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(got.astype(np.float64) - expected).max() / np.abs(expected).max())
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e5])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_large_mean_offset_in_float32_stays_within_1e_3(offset: float, axis: int) -> None:
+    rng = np.random.default_rng(5)
+    x = (offset + rng.standard_normal((16, 8, 12, 12))).astype(np.float32)
+    if axis == -1:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    rm, rv = np.zeros(8, np.float32), np.ones(8, np.float32)
+    w, b = rng.uniform(0.5, 2.0, 8).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    y, mean, var = normkit.batch_norm(x, rm, rv, w, b, training=True, axis=axis)
+    y_ref, mean_ref, var_ref = reference.batch_norm(
+        x, w, b, rm, rv, training=True, momentum=0.1, eps=1e-5, axis=axis, unbiased_running_var=True
+    )
+    assert relative_error(y, y_ref) < 1e-3
+    assert relative_error(mean, mean_ref) < 1e-3
+    assert relative_error(var, var_ref) < 1e-3
+    # and far better than that: the batch variance itself (about 1) is right to float32 precision
+    batch_var = (var - 0.9) / 0.1 * (x.size / 8 - 1) / (x.size / 8)
+    assert np.allclose(
+        batch_var, x.astype(np.float64).var(axis=tuple(a for a in range(4) if a != axis % 4)), rtol=1e-4
+    )
+
+
+def test_large_offset_layer_and_instance_norm() -> None:
+    rng = np.random.default_rng(6)
+    x = (1e5 + rng.standard_normal((8, 4, 32))).astype(np.float32)
+    assert relative_error(normkit.layer_norm(x, 32), reference.layer_norm(x, axes=(2,), eps=1e-5)) < 1e-5
+    y, _, _ = normkit.instance_norm(x)
+    y_ref, _, _ = reference.instance_norm(
+        x, use_input_stats=True, momentum=0.1, eps=1e-5, axis=1, unbiased_running_var=True
+    )
+    assert relative_error(y, y_ref) < 1e-5
+
+
+def test_float16_values_beyond_256_give_finite_correct_output() -> None:
+    rng = np.random.default_rng(7)
+    x = rng.normal(3000.0, 400.0, size=(32, 4, 8, 8)).astype(np.float16)  # x*x overflows float16 (max 65504)
+    with np.errstate(over="ignore"):
+        assert np.isinf(x * x).any()
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    y, mean, var = normkit.batch_norm(x, rm, rv, training=True)
+    y_ref, mean_ref, var_ref = reference.batch_norm(
+        x, None, None, rm, rv, training=True, momentum=0.1, eps=1e-5, axis=1, unbiased_running_var=True
+    )
+    assert y.dtype == np.float16 and np.isfinite(y).all()
+    assert np.abs(y.astype(np.float64) - y_ref).max() < 4e-3  # float16 rounding of |y| < 4
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-6)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-5)
+    z = normkit.layer_norm(x, (8, 8))
+    assert (
+        np.isfinite(z).all()
+        and np.abs(z.astype(np.float64) - reference.layer_norm(x, axes=(2, 3), eps=1e-5)).max() < 4e-3
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_constant_channels_normalize_to_the_shift_exactly(dtype: type) -> None:
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(8, 3, 5, 5)).astype(dtype)
+    x[:, 1] = dtype(0.1)
+    bias = np.array([0.3, 0.7, -1.1], np.float32)
+    y, _, var = normkit.batch_norm(
+        x, np.zeros(3, np.float32), np.ones(3, np.float32), np.full(3, 5.0, np.float32), bias, training=True
+    )
+    assert np.all(y[:, 1] == dtype(0.7))
+    assert var[1] == np.float32(0.9)  # (1 - 0.1) * 1 + 0.1 * 0: the batch variance is exactly 0
+    rows = np.full((4, 16), 123.456, dtype)
+    assert np.all(normkit.layer_norm(rows, 16, None, np.full(16, 2.5, np.float32)) == dtype(2.5))
+
+
+def test_float64_input_computes_in_float64() -> None:
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(16, 5, 7))
+    y, mean, var = normkit.batch_norm(x, np.zeros(5), np.ones(5), training=True)
+    y_ref, mean_ref, var_ref = reference.batch_norm(
+        x,
+        None,
+        None,
+        np.zeros(5),
+        np.ones(5),
+        training=True,
+        momentum=0.1,
+        eps=1e-5,
+        axis=1,
+        unbiased_running_var=True,
+    )
+    assert y.dtype == np.float64 and mean.dtype == np.float64
+    np.testing.assert_allclose(y, y_ref, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-13)
+
+
+def test_eval_with_far_running_mean_uses_the_centred_form() -> None:
+    rng = np.random.default_rng(10)
+    x = (5e4 + rng.standard_normal((8, 3, 6, 6))).astype(np.float32)
+    rm = np.full(3, 5e4, np.float32)
+    rv = np.ones(3, np.float32)
+    y, _, _ = normkit.batch_norm(x, rm, rv)
+    y_ref, _, _ = reference.batch_norm(
+        x, None, None, rm, rv, training=False, momentum=0.1, eps=1e-5, axis=1, unbiased_running_var=True
+    )
+    assert np.abs(y - y_ref).max() < 1e-5  # the fused x*a + b would lose ~5e4 * 6e-8 = 3e-3
+
+
+def test_inputs_are_never_written() -> None:
+    rng = np.random.default_rng(11)
+    arrays = [rng.normal(size=(8, 3, 4)).astype(np.float16), np.zeros(3, np.float32), np.ones(3, np.float32),
+              np.full(3, 2.0, np.float32), np.full(3, 0.5, np.float32)]  # fmt: skip
+    copies = [a.copy() for a in arrays]
+    for training in (True, False):
+        normkit.batch_norm(*arrays, training=training)
+        normkit.instance_norm(*arrays, use_input_stats=training)
+    normkit.layer_norm(arrays[0], 4)
+    for a, c in zip(arrays, copies, strict=True):
+        np.testing.assert_array_equal(a, c)

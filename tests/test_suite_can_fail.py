@@ -1,0 +1,152 @@
+"""The conformance suite catches real bugs: deliberately broken backends fail the right cases."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+import normkit
+from normkit import _registry, numpy_backend
+from normkit.testing import get_case, run_case
+
+_bn = numpy_backend.normkit_batch_norm
+
+
+def one_pass_variance(
+    x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+):
+    if not training:
+        return _bn(
+            x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+        )
+    axes = tuple(a for a in range(x.ndim) if a != axis)
+    xf = x.astype(np.float32)
+    mean = xf.mean(axis=axes, keepdims=True)
+    var = (xf * xf).mean(axis=axes, keepdims=True) - mean * mean  # E[x^2] - E[x]^2
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    y = (xf - mean) / np.sqrt(np.maximum(var, 0) + eps)
+    y = y * (1 if weight is None else weight.reshape(shape)) + (0 if bias is None else bias.reshape(shape))
+    if running_mean is None:
+        return y.astype(x.dtype), None, None
+    n = x.size // x.shape[axis]
+    stored = var.ravel() * (n / (n - 1) if unbiased_running_var else 1)
+    return (y.astype(x.dtype), ((1 - momentum) * running_mean + momentum * mean.ravel()).astype(running_mean.dtype),
+            ((1 - momentum) * running_var + momentum * stored).astype(running_var.dtype))  # fmt: skip
+
+
+def float16_statistics(
+    x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+):
+    if not training or x.dtype != np.float16:
+        return _bn(
+            x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+        )
+    axes = tuple(a for a in range(x.ndim) if a != axis)
+    with np.errstate(over="ignore", invalid="ignore"):
+        var = np.var(x, axis=axes, dtype=np.float16)  # squares overflow float16
+    y, m, v = _bn(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+    )
+    return y, m, ((1 - momentum) * running_var + momentum * var.astype(np.float32)).astype(running_var.dtype)
+
+
+def always_biased(
+    x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+):
+    return _bn(x, weight, bias, running_mean, running_var, training, momentum, eps, axis, False)
+
+
+def flipped_momentum(
+    x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+):
+    return _bn(
+        x, weight, bias, running_mean, running_var, training, 1 - momentum, eps, axis, unbiased_running_var
+    )
+
+
+def eval_with_batch_statistics(
+    x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+):
+    y, _, _ = _bn(x, weight, bias, None, None, True, momentum, eps, axis, unbiased_running_var)
+    if training:
+        return _bn(
+            x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+        )
+    return y, running_mean, running_var
+
+
+def writes_its_input(
+    x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+):
+    result = _bn(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+    )
+    x[...] = 0
+    return result
+
+
+def float32_output(
+    x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+):
+    y, m, v = _bn(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+    )
+    return y.astype(np.float32), m, v
+
+
+def eps_outside_the_root(
+    x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+):
+    # sqrt(var) + eps instead of sqrt(var + eps): shift eps so that the result matches that formula
+    y, m, v = _bn(
+        x, None, None, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+    )
+    z = y.astype(np.float64) * np.sqrt(1 + eps)  # roughly undoes the correct eps for unit variance data
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    z = z / (1 + eps) * (1 if weight is None else weight.reshape(shape)) + (
+        0 if bias is None else bias.reshape(shape)
+    )
+    return z.astype(x.dtype), m, v
+
+
+BROKEN: dict[str, tuple[Callable[..., object], str]] = {
+    "one-pass-variance": (one_pass_variance, "bn-offset-1e4"),
+    "float16-statistics": (float16_statistics, "bn-float16-large-values"),
+    "always-biased": (always_biased, "bn-two-values-per-channel"),
+    "flipped-momentum": (flipped_momentum, "bn-ema-20-steps"),
+    "eval-with-batch-statistics": (eval_with_batch_statistics, "bn-eval-after-train"),
+    "writes-its-input": (writes_its_input, "bn-inputs-not-mutated"),
+    "float32-output": (float32_output, "bn-output-dtype-f16"),
+    "eps-outside-the-root": (eps_outside_the_root, "bn-keras-preset-ema"),
+}
+
+
+@pytest.fixture
+def broken_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    name = request.param
+    kernel, _ = BROKEN[name]
+
+    def normkit_backend_info() -> normkit.BackendInfo:
+        info = numpy_backend.normkit_backend_info()
+        return normkit.BackendInfo(**{**info.__dict__, "name": name, "distribution": name})
+
+    module = types.ModuleType(name)
+    module.normkit_backend_info = normkit.hookimpl(normkit_backend_info)
+    module.normkit_batch_norm = normkit.hookimpl(kernel)
+    normkit.register_backend(module, name)
+    yield name
+    _registry.reset()
+
+
+@pytest.mark.parametrize("broken_backend", list(BROKEN), indirect=True)
+def test_a_broken_backend_fails_the_case_written_for_its_bug(broken_backend: str) -> None:
+    case = get_case(BROKEN[broken_backend][1])
+    assert run_case(case, "numpy").passed
+    result = run_case(case, broken_backend)
+    assert not result.passed and result.failures
+    assert f"case {case.id!r}" in result.repro()
