@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,25 @@ import numpy as np
 import pytest
 
 import normkit
-from normkit import StateDictError
+from normkit import StateDictError, _registry
 
-sys.path.insert(0, str(Path(__file__).parent / "fakefw"))
-import fakefw
+FAKEFW = str(Path(__file__).parent / "fakefw")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def second_array_type() -> Iterator[None]:
+    """``tests/fakefw`` on sys.path: a second framework and its installed backend, for the
+    mixed-backend case. Removed afterwards, so other modules see a plain installation."""
+    sys.path.insert(0, FAKEFW)
+    yield
+    sys.path.remove(FAKEFW)
+    _registry.reset()
+
+
+def fake_array(data: np.ndarray) -> Any:
+    import fakefw
+
+    return fakefw.Array(data)
 
 C = 3
 rng = np.random.default_rng(0)
@@ -126,7 +141,7 @@ CASES: list[tuple[str, Callable[[normkit.BatchNorm], Any], type[Exception], str]
     ),
     (
         "mixed-backends",
-        lambda layer: normkit.batch_norm(fakefw.Array(X), training=True, weight=layer.weight),
+        lambda layer: normkit.batch_norm(fake_array(X), training=True, weight=layer.weight),
         TypeError,
         "weight is a numpy.ndarray but x is a fakefw.Array",
     ),

@@ -27,7 +27,7 @@ def test_batch_norm_by_hand() -> None:
 
 
 def test_batch_norm_eval_by_hand() -> None:
-    y, mean, var = reference.batch_norm(
+    y, mean, _var = reference.batch_norm(
         np.array([[3.0, -1.0]]),
         None,
         [10.0, 0.0],

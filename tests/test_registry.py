@@ -88,7 +88,7 @@ def test_without_tryfirst_the_last_registered_plugin_wins_like_pluggy() -> None:
 
 def test_explicit_backend_must_exist_and_handle_the_array() -> None:
     with pytest.raises(
-        ValueError, match=r"backend='nope' is not a loaded normkit backend; loaded: \['numpy'\]"
+        ValueError, match=r"backend='nope' is not a loaded normkit backend; loaded: \[.*'numpy'"
     ):
         normkit.batch_norm(np.ones((4, 3)), training=True, backend="nope")
 

@@ -48,7 +48,7 @@ def float16_statistics(
     axes = tuple(a for a in range(x.ndim) if a != axis)
     with np.errstate(over="ignore", invalid="ignore"):
         var = np.var(x, axis=axes, dtype=np.float16)  # squares overflow float16
-    y, m, v = _bn(
+    y, m, _v = _bn(
         x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
     )
     return y, m, ((1 - momentum) * running_var + momentum * var.astype(np.float32)).astype(running_var.dtype)
