@@ -36,6 +36,7 @@ def fake_array(data: np.ndarray) -> Any:
 
     return fakefw.Array(data)
 
+
 C = 3
 rng = np.random.default_rng(0)
 X = rng.normal(2.0, 3.0, size=(8, C, 4, 4)).astype(np.float32)

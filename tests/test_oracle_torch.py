@@ -1,0 +1,168 @@
+"""normkit's NumPy layers under the torch preset against PyTorch's own layers (the oracle).
+
+PyTorch is installed in the test environment as an oracle, not as a backend: normkit runs on
+NumPy arrays and every result is compared with ``torch.nn`` on the same data, step by step:
+20 training steps, then eval; outputs, running statistics and the batch counter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import normkit
+
+torch = pytest.importorskip("torch")
+
+STEPS = 20
+TOLERANCE = {np.float32: {"rtol": 5e-6, "atol": 5e-6}, np.float64: {"rtol": 1e-11, "atol": 1e-11}}
+TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
+
+
+def load_torch_state_into(layer: Any, module: Any) -> None:
+    layer.load_state_dict({k: v.detach().numpy() for k, v in module.state_dict().items()})
+
+
+def randomize_affine(module: Any, rng: np.random.Generator) -> None:
+    with torch.no_grad():
+        if getattr(module, "weight", None) is not None:
+            module.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, module.weight.shape)))
+            module.bias.copy_(torch.from_numpy(rng.normal(0, 0.5, module.bias.shape)))
+
+
+def compare_over_training_then_eval(
+    module: Any,
+    layer: Any,
+    shape: tuple[int, ...],
+    dtype: type,
+    compare_stats: bool = True,
+    compare_counter: bool = True,
+) -> None:
+    rng = np.random.default_rng(123)
+    module = module.to(TORCH_DTYPE[dtype])
+    randomize_affine(module, rng)
+    if any(True for _ in module.state_dict()):
+        load_torch_state_into(layer, module)
+    tolerance = TOLERANCE[dtype]
+    for step in range(STEPS + 3):
+        training = step < STEPS
+        module.train(training)
+        layer.train(training)
+        x = rng.normal(1.5, 2.0, size=shape).astype(dtype)
+        with torch.no_grad():
+            expected = module(torch.from_numpy(x)).numpy()
+        got = layer(x)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, expected, **tolerance, err_msg=f"step {step}")
+    if compare_stats:
+        np.testing.assert_allclose(layer.running_mean, module.running_mean.numpy(), **tolerance)
+        np.testing.assert_allclose(layer.running_var, module.running_var.numpy(), **tolerance)
+    if compare_counter:
+        assert layer.num_batches_tracked == int(module.num_batches_tracked)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("torch_class", "shape"),
+    [
+        ("BatchNorm1d", (16, 5)),
+        ("BatchNorm1d", (8, 5, 7)),
+        ("BatchNorm2d", (8, 5, 6, 6)),
+        ("BatchNorm3d", (4, 5, 3, 4, 5)),
+    ],
+)
+def test_batch_norm_matches_torch(torch_class: str, shape: tuple[int, ...], dtype: type) -> None:
+    compare_over_training_then_eval(
+        getattr(torch.nn, torch_class)(5), normkit.BatchNorm(preset="torch"), shape, dtype
+    )
+
+
+def test_batch_norm_cumulative_average_matches_torch() -> None:
+    compare_over_training_then_eval(
+        torch.nn.BatchNorm2d(4, momentum=None), normkit.BatchNorm(momentum=None), (8, 4, 5, 5), np.float32
+    )
+
+
+def test_batch_norm_small_batches_match_torch() -> None:  # two values per channel: the n/(n-1) factor is 2
+    compare_over_training_then_eval(torch.nn.BatchNorm1d(3), normkit.BatchNorm(), (2, 3), np.float64)
+
+
+def test_batch_norm_without_tracked_statistics_matches_torch() -> None:
+    compare_over_training_then_eval(
+        torch.nn.BatchNorm2d(4, track_running_stats=False),
+        normkit.BatchNorm(track_running_stats=False),
+        (8, 4, 5, 5),
+        np.float32,
+        compare_stats=False,
+        compare_counter=False,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_instance_norm_without_tracked_statistics_matches_torch(dtype: type) -> None:
+    compare_over_training_then_eval(
+        torch.nn.InstanceNorm2d(4),
+        normkit.InstanceNorm(),
+        (6, 4, 7, 7),
+        dtype,
+        compare_stats=False,
+        compare_counter=False,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_instance_norm_with_tracked_statistics_matches_torch(dtype: type) -> None:
+    # torch's InstanceNorm never increments num_batches_tracked; normkit counts (see docs/conventions.md)
+    compare_over_training_then_eval(
+        torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        normkit.InstanceNorm(affine=True, track_running_stats=True),
+        (6, 4, 7, 7),
+        dtype,
+        compare_counter=False,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_norm_matches_torch(dtype: type) -> None:
+    compare_over_training_then_eval(
+        torch.nn.LayerNorm((6, 8)),
+        normkit.LayerNorm((6, 8)),
+        (4, 3, 6, 8),
+        dtype,
+        compare_stats=False,
+        compare_counter=False,
+    )
+
+
+def test_functional_ops_match_torch_functional() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 3, 5, 5)).astype(np.float32)
+    rm, rv = rng.normal(size=3).astype(np.float32), rng.uniform(0.5, 2, 3).astype(np.float32)
+    w, b = rng.normal(size=3).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    t = {name: torch.from_numpy(a.copy()) for name, a in dict(x=x, rm=rm, rv=rv, w=w, b=b).items()}
+    expected = torch.nn.functional.batch_norm(t["x"], t["rm"], t["rv"], t["w"], t["b"], True, 0.3, 1e-3)
+    y, mean, var = normkit.batch_norm(x, rm, rv, w, b, training=True, momentum=0.3, eps=1e-3)
+    np.testing.assert_allclose(y, expected.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mean, t["rm"].numpy(), rtol=1e-6)  # torch updated its buffers in place
+    np.testing.assert_allclose(var, t["rv"].numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(rm, t["rm"].numpy() * 0 + rm)  # and normkit did not touch ours
+    np.testing.assert_allclose(
+        normkit.instance_norm(x, weight=w, bias=b).y,
+        torch.nn.functional.instance_norm(t["x"], weight=t["w"], bias=t["b"]).numpy(),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        normkit.layer_norm(x, (5, 5)),
+        torch.nn.functional.layer_norm(t["x"], (5, 5)).numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_one_value_per_channel_error_matches_torch_wording() -> None:
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        torch.nn.BatchNorm1d(3)(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="expected more than 1 value per channel"):
+        normkit.BatchNorm()(np.ones((1, 3), np.float32))
