@@ -38,6 +38,7 @@ __all__ = [
     "normalize_centered",
     "normalize_elementwise",
     "sum64",
+    "sum_squares64",
 ]
 
 FUSED_EVAL_LIMIT = 4.0
@@ -77,20 +78,79 @@ def collapse_axes(
     return x.reshape(shape), tuple(new_axes), tuple(position)
 
 
+BLOCK = 32
+"""Rows summed sequentially in the compute dtype before float64 takes over (off the last axis)."""
+
+
+def _blocks(v: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+    """Split the longest reduced axis ``k`` of ``v`` into ``(n // BLOCK, BLOCK)`` (always a view)
+    and return ``(split, tail, k)``, the tail holding the ``n % BLOCK`` leftover rows."""
+    k = max(axes, key=lambda a: v.shape[a])
+    n = v.shape[k]
+    if n < 2 * BLOCK:
+        return None
+    m = n // BLOCK * BLOCK
+    head = (slice(None),) * k
+    split = v[(*head, slice(0, m))].reshape((*v.shape[:k], m // BLOCK, BLOCK, *v.shape[k + 1 :]))
+    tail = v[(*head, slice(m, None))] if m < n else None
+    return split, tail, k
+
+
+def _contiguous_last(v: np.ndarray, axes: tuple[int, ...]) -> bool:
+    last = v.ndim - 1
+    return last in axes and v.shape[last] > 1 and v.strides[last] == v.itemsize
+
+
+def _finish64(partial: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    return (
+        np.add.reduce(partial, axis=axes, dtype=np.float64, keepdims=True)
+        if axes
+        else partial.astype(np.float64)
+    )
+
+
 def sum64(v: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """Sum over ``axes`` (keepdims) in float64.
 
-    A reduced, contiguous last axis is summed first in ``v``'s dtype with NumPy's pairwise
-    summation (error O(log n) ulps); the remaining axes are accumulated in float64.
+    Partial sums are taken in ``v``'s dtype over short runs (a contiguous last axis with NumPy's
+    pairwise summation, O(log n) ulps; otherwise blocks of :data:`BLOCK` rows, at most
+    ``BLOCK`` ulps) and accumulated in float64 from there on.
     """
-    last = v.ndim - 1
-    if last in axes and v.shape[last] > 1 and v.strides[last] == v.itemsize:
-        partial = np.add.reduce(v, axis=last, keepdims=True)
-        rest = tuple(a for a in axes if a != last)
-        if not rest:
-            return partial.astype(np.float64)
-        return np.add.reduce(partial, axis=rest, dtype=np.float64, keepdims=True)
-    return np.add.reduce(v, axis=axes, dtype=np.float64, keepdims=True)
+    if v.dtype == np.float64:
+        return np.add.reduce(v, axis=axes, keepdims=True)
+    if _contiguous_last(v, axes):
+        last = v.ndim - 1
+        return _finish64(np.add.reduce(v, axis=last, keepdims=True), tuple(a for a in axes if a != last))
+    blocked = _blocks(v, axes)
+    if blocked is None:
+        return np.add.reduce(v, axis=axes, dtype=np.float64, keepdims=True)
+    split, tail, k = blocked
+    total = _finish64(np.add.reduce(split, axis=k + 1), axes)
+    return total if tail is None else total + np.add.reduce(tail, axis=axes, dtype=np.float64, keepdims=True)
+
+
+def sum_squares64(v: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """``sum(v**2)`` over ``axes`` (keepdims) in float64, without a squared temporary: dot
+    products along a contiguous last axis, or blocks of :data:`BLOCK` rows, then float64."""
+    if _contiguous_last(v, axes):
+        last = v.ndim - 1
+        rows = np.vecdot(v, v)[..., None]
+        return (
+            _finish64(rows, tuple(a for a in axes if a != last))
+            if v.dtype != np.float64
+            else np.add.reduce(rows, axis=axes, keepdims=True)
+        )
+    blocked = _blocks(v, axes)
+    if blocked is None:
+        return np.add.reduce(np.square(v, dtype=np.float64), axis=axes, keepdims=True)
+    split, tail, k = blocked
+    letters = "abcdefghijklmnopqrstuvwxyz"[: split.ndim]
+    output = letters[: k + 1] + letters[k + 2 :]
+    partial = np.einsum(f"{letters},{letters}->{output}", split, split)
+    total = _finish64(partial, axes)
+    if tail is None:
+        return total
+    return total + np.add.reduce(np.square(tail, dtype=np.float64), axis=axes, keepdims=True)
 
 
 def centered_moments(
@@ -109,7 +169,7 @@ def centered_moments(
     shift = (sum64(xc, axes) / n).astype(xc.dtype)
     d = np.subtract(xc, shift, out=xc if overwrite else None)
     correction = sum64(d, axes) / n
-    mean_square = sum64(np.square(d), axes) / n
+    mean_square = sum_squares64(d, axes) / n
     mean = shift + correction
     var = np.maximum(mean_square - correction * correction, 0.0)
     return d, shift, mean, var
@@ -183,7 +243,9 @@ def normalize_elementwise(
     ``gamma``/``beta`` (compute dtype, broadcast over the normalized axes).
     """
     inv_std = np.where(var == 0.0, 0.0, 1.0 / np.sqrt(var + eps))
-    np.subtract(d, (mean - shift).astype(d.dtype), out=d)
+    correction = mean - shift
+    if np.any(np.abs(correction * inv_std) > np.finfo(d.dtype).eps):  # else below one ulp of a unit output
+        np.subtract(d, correction.astype(d.dtype), out=d)
     np.multiply(d, inv_std.astype(d.dtype), out=d)
     if weight is not None:
         np.multiply(d, weight, out=d)

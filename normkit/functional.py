@@ -9,8 +9,10 @@ those of :mod:`normkit.hookspecs`.
 >>> x = np.arange(12, dtype=np.float32).reshape(3, 4)       # (N, C)
 >>> y, mean, var = normkit.batch_norm(x, np.zeros(4, np.float32), np.ones(4, np.float32),
 ...                                   training=True)
->>> y[:, 0].round(4).tolist(), mean.tolist(), var.tolist()
-([-1.2247, 0.0, 1.2247], [0.4000000059604645, 0.5, 0.6000000238418579, 0.699999988079071], [2.5, 2.5, 2.5, 2.5])
+>>> y[:, 0]                                  # (x - 4) / sqrt(32/3 + 1e-5)
+array([-1.2247443,  0.       ,  1.2247443], dtype=float32)
+>>> mean, var                                # 0.9 * running + 0.1 * (batch mean, unbiased batch var)
+(array([0.4, 0.5, 0.6, 0.7], dtype=float32), array([2.5, 2.5, 2.5, 2.5], dtype=float32))
 
 Errors name the parameter at fault: ``TypeError`` for a wrong array type or dtype
 (:class:`~normkit.errors.NoBackendError` when no backend handles the array), ``ValueError``
