@@ -12,9 +12,12 @@ Design requirements, in order of importance:
 3. pluggy's ordering is honoured: among the plugins that claim an array type, each operation
    goes to the implementation pluggy would call first (``tryfirst``, then last registered).
 4. Switches are read when the registry is first used, not at import time:
-   ``NORMKIT_DISABLE_PLUGIN_AUTOLOAD=1`` loads no entry points (register plugins yourself with
-   :func:`register_backend`), ``NORMKIT_BLOCK_BACKENDS=tensorflow,cupy`` blocks backends by
-   name.
+   ``NORMKIT_DISABLE_PLUGIN_AUTOLOAD=1`` (or ``true``, ``yes``, ``on``) loads no entry points
+   (register plugins yourself with :func:`register_backend`),
+   ``NORMKIT_BLOCK_BACKENDS=tensorflow,cupy`` blocks backends by name.
+5. One broken backend does not take the others down: an entry point that fails to load is
+   skipped with a ``RuntimeWarning`` and its error is shown by ``normkit info`` and in the
+   error for its array type.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import inspect
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -133,6 +137,7 @@ class _Registry:
         self._entry_points: tuple[importlib.metadata.EntryPoint, ...] | None = None
         self.autoload = True
         self.blocked: frozenset[str] = frozenset()
+        self.load_errors: dict[str, str] = {}
 
     # -- construction -----------------------------------------------------------------
     def manager(self) -> pluggy.PluginManager:
@@ -145,7 +150,7 @@ class _Registry:
     def _build_manager(self) -> pluggy.PluginManager:
         from normkit import hookspecs, numpy_backend
 
-        self.autoload = os.environ.get(AUTOLOAD_ENV, "").strip() in ("", "0")
+        self.autoload = os.environ.get(AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
         self.blocked = frozenset(
             name.strip() for name in os.environ.get(BLOCK_ENV, "").split(",") if name.strip()
         )
@@ -170,15 +175,33 @@ class _Registry:
         if not self.autoload:
             return
         for ep in self.entry_points():
-            if ep.name in sys.modules and not pm.is_blocked(ep.name) and not pm.has_plugin(ep.name):
+            if ep.name not in sys.modules or pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
+                continue
+            if ep.name in self.load_errors:
+                continue
+            try:
                 self._register(ep.load(), ep.name)
+            except Exception as error:  # one broken backend must not take the others down
+                self.load_errors[ep.name] = f"{type(error).__name__}: {error}"
+                warnings.warn(
+                    f"normkit backend {ep.name!r} ({ep.value}) failed to load and is skipped: "
+                    f"{self.load_errors[ep.name]}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
 
     def _register(self, plugin: object, name: str) -> None:
+        """Register and validate a plugin; a plugin that fails validation is removed again."""
         pm = self.manager()
         pm.register(plugin, name=name)
-        pm.check_pending()
-        self._by_type.clear()
-        self._by_name.clear()
+        try:
+            pm.check_pending()
+        except Exception:
+            pm.unregister(plugin, name=name)
+            raise
+        finally:
+            self._by_type.clear()
+            self._by_name.clear()
 
     def register(self, plugin: object, name: str | None = None) -> str:
         with self._lock:
@@ -234,7 +257,7 @@ class _Registry:
 
         caller = getattr(self.manager().hook, f"normkit_{op}")
         for impl in reversed(caller.get_hookimpls()):
-            if impl.plugin_name in plugins:
+            if impl.plugin_name in plugins and not (impl.hookwrapper or impl.wrapper):
                 _check_signature(impl.function, getattr(hookspecs, f"normkit_{op}"), impl.plugin_name)
                 return impl.function
         return _missing_kernel(backend_name, op)
@@ -290,6 +313,16 @@ class _Registry:
     def _no_backend_message(self, cls: type) -> str:
         framework = cls.__module__.split(".")[0]
         what = f"no normkit backend handles arrays of type {type_name(cls)}"
+        if framework == "builtins":
+            return f"{what}: pass an array (a numpy.ndarray, or a framework's tensor with its normkit backend installed)"
+        if self.manager().is_blocked(framework):
+            dists = [
+                ep.dist.name for ep in self.entry_points() if ep.name == framework and ep.dist is not None
+            ]
+            provider = f" ({dists[0]})" if dists else ""
+            return f"{what}: backend {framework!r}{provider} is blocked by {BLOCK_ENV}"
+        if framework in self.load_errors:
+            return f"{what}: backend {framework!r} is installed but failed to load: {self.load_errors[framework]}"
         for plugin, info in self._infos():
             if plugin == framework:
                 return f"{what}: backend {plugin!r} handles {list(info.array_types)} only"
@@ -297,8 +330,6 @@ class _Registry:
         if framework in installed:
             ep = installed[framework]
             dist = ep.dist.name if ep.dist is not None else KNOWN_DISTRIBUTIONS.get(framework, "?")
-            if self.manager().is_blocked(framework):
-                return f"{what}: backend {framework!r} ({dist}) is installed but blocked by {BLOCK_ENV}"
             if not self.autoload:
                 return (
                     f"{what}: backend {framework!r} ({dist}) is installed but {AUTOLOAD_ENV} "
@@ -312,7 +343,7 @@ class _Registry:
 
     # -- introspection ----------------------------------------------------------------
     def loaded(self) -> list[str]:
-        return sorted(name for name, _ in self.manager().list_name_plugin())
+        return sorted(name for name, plugin in self.manager().list_name_plugin() if plugin is not None)
 
     def reset(self) -> None:
         with self._lock:
@@ -320,6 +351,7 @@ class _Registry:
             self._by_type.clear()
             self._by_name.clear()
             self._entry_points = None
+            self.load_errors = {}
             is_subclass_of_named.cache_clear()
 
 

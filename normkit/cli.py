@@ -37,8 +37,8 @@ def _version(distribution: str) -> str:
 def _framework_version(module: str) -> str:
     if importlib.util.find_spec(module) is None:
         return f"{module} not installed"
-    distributions = importlib.metadata.packages_distributions().get(module, [module])
-    return f"{module} {_version(distributions[0])}"
+    distributions = importlib.metadata.packages_distributions().get(module)
+    return f"{module} {_version(distributions[0])}" if distributions else module
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -51,9 +51,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"blocked:  {', '.join(sorted(reg.blocked)) or 'none'} ({BLOCK_ENV})")
     print()
     loaded = set(reg.loaded())
+    numpy_status = "loaded (built in)" if "numpy" in loaded else f"blocked by {BLOCK_ENV}"
     rows = [
         ["backend", "provided by", "framework", "status"],
-        ["numpy", f"normkit {normkit.__version__}", _framework_version("numpy"), "loaded (built in)"],
+        ["numpy", f"normkit {normkit.__version__}", _framework_version("numpy"), numpy_status],
     ]
     for ep in reg.entry_points():
         dist = ep.dist.name if ep.dist is not None else "?"
@@ -61,6 +62,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             status = f"blocked by {BLOCK_ENV}"
         elif ep.name in loaded:
             status = "loaded"
+        elif ep.name in reg.load_errors:
+            status = f"failed to load: {reg.load_errors[ep.name]}"
         elif not reg.autoload:
             status = "installed; autoloading is off"
         else:
@@ -89,10 +92,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print()
         print("pairwise agreement on the same inputs (allowed: the sum of both tolerances)")
         print(pairwise)
-    failures = report.failures()
     print()
-    if failures:
-        print(failures)
+    if not report.passed:
+        print(report.failures())
         print("\nnormkit check: FAILED")
         return 1
     print("normkit check: every case passes on every backend")

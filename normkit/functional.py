@@ -22,6 +22,7 @@ for wrong shapes and values.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -42,12 +43,8 @@ class BatchNormResult(NamedTuple):
     running_var: Array | None
 
 
-class InstanceNormResult(NamedTuple):
-    """``(y, running_mean, running_var)``; the statistics are ``None`` when none were given."""
-
-    y: Array
-    running_mean: Array | None
-    running_var: Array | None
+InstanceNormResult = BatchNormResult
+"""``(y, running_mean, running_var)`` of :func:`instance_norm` (the same record)."""
 
 
 # -- validation helpers ---------------------------------------------------------------------
@@ -67,9 +64,34 @@ def _check_input(be: Backend, x: Array, min_ndim: int, what: str) -> tuple[int, 
     return shape
 
 
+def _index(value: object, name: str) -> int:
+    """``value`` as an int (any integer type, NumPy's included); bools are not integers here."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}: expected an int")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name}={value!r}: expected an int") from None
+
+
+def as_shape(value: object, name: str) -> tuple[int, ...]:
+    """An int or a sequence of ints as a shape of positive sizes.
+
+    :raises TypeError: for anything but ints; :raises ValueError: for sizes below 1.
+    """
+    try:
+        dims = (_index(value, name),)
+    except TypeError:
+        if not isinstance(value, Sequence):
+            raise TypeError(f"{name}={value!r}: expected an int or a sequence of ints") from None
+        dims = tuple(_index(v, name) for v in value)
+    if not dims or any(d < 1 for d in dims):
+        raise ValueError(f"{name}={value!r}: expected one or more sizes >= 1")
+    return dims
+
+
 def _check_axis(axis: object, ndim: int, name: str = "axis") -> int:
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"{name}={axis!r}: expected an int")
+    axis = _index(axis, name)
     if not -ndim <= axis < ndim:
         raise ValueError(f"{name}={axis} is out of range for an input with {ndim} dimensions")
     return axis % ndim
@@ -99,15 +121,21 @@ def _check_running_stats(running_mean: Array | None, running_var: Array | None) 
         raise ValueError(f"{given} is given but {missing} is None; pass both or neither")
 
 
-def _momentum(momentum: object, momentum_weights: str | None, preset: presets.Preset) -> float:
+def _momentum(momentum: object, momentum_weights: object, preset: presets.Preset, updating: bool) -> float:
+    """The weight of the new batch statistic (0 when nothing is updated)."""
+    weights = presets.check_momentum_weights(
+        preset.momentum_weights if momentum_weights is None else momentum_weights
+    )
+    if momentum is presets.DEFAULT:
+        return preset.update_weight
     if momentum is None:
-        raise ValueError(
-            "momentum=None (the cumulative average) needs a batch counter; use a layer "
-            "(normkit.BatchNorm(momentum=None)) or pass momentum=1/k for the k-th batch"
-        )
-    weights = preset.momentum_weights if momentum_weights is None else momentum_weights
-    value = preset.momentum if momentum is presets.DEFAULT else presets.check_momentum(momentum)
-    return presets.batch_weight(value, weights)  # type: ignore[arg-type]
+        if updating:
+            raise ValueError(
+                "momentum=None (the cumulative average) needs a batch counter; use a layer "
+                "(normkit.BatchNorm(momentum=None)) or pass momentum=1/k for the k-th batch"
+            )
+        return 0.0
+    return presets.batch_weight(presets.check_momentum(momentum), weights)
 
 
 def _empty_like(be: Backend, x: Array, shape: tuple[int, ...]) -> Array:
@@ -159,7 +187,7 @@ def _channel_norm(
     ):
         _check_param(be, name, value, channels, x)
     _check_running_stats(running_mean, running_var)
-    m = _momentum(momentum, momentum_weights, p)
+    m = _momentum(momentum, momentum_weights, p, updating=use_batch_stats and running_mean is not None)
     default_eps = p.batch_norm_eps if op == "batch_norm" else p.instance_norm_eps
     eps = presets.check_eps(default_eps if eps is None else eps)
     unbiased = presets.check_estimator(running_var_estimator or p.running_var_estimator)
@@ -318,15 +346,15 @@ def normalized_axes(
     if normalized_shape is not None and axis is not None:
         raise ValueError("pass normalized_shape or axis, not both")
     if normalized_shape is not None:
-        dims = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-        if not dims or len(dims) > ndim or tuple(shape[ndim - len(dims) :]) != dims:
+        dims = as_shape(normalized_shape, "normalized_shape")
+        if len(dims) > ndim or tuple(shape[ndim - len(dims) :]) != dims:
             raise ValueError(
                 f"normalized_shape={dims} does not match the trailing dimensions of x with shape {shape}"
             )
         return tuple(range(ndim - len(dims), ndim))
     if axis is None:
         return (ndim - 1,)
-    raw = (axis,) if isinstance(axis, int) else tuple(axis)
+    raw = tuple(axis) if isinstance(axis, Sequence) else (axis,)
     if not raw:
         raise ValueError("axis=() names no axis to normalize over")
     axes = sorted(_check_axis(a, ndim) for a in raw)

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from normkit import functional, presets
-from normkit._registry import Backend, backend_for, backend_named
+from normkit._registry import Backend, backend_for, backend_named, type_name
 from normkit.errors import StateDictError
 from normkit.state import FORMAT_VERSION, METADATA_KEY, NormState, parse_state_dict
 
@@ -49,7 +49,6 @@ LayerT = TypeVar("LayerT", bound="_Layer")
 class _Layer:
     """What every layer shares: the training flag, lazily created state, state dicts."""
 
-    _array_keys: ClassVar[tuple[str, ...]]
     training: bool
 
     def __init__(self, preset: str | presets.Preset, backend: str | None) -> None:
@@ -100,7 +99,15 @@ class _Layer:
         return self._get("bias")
 
     def _resolve(self, x: Array) -> Backend:
-        return backend_for(x) if self.backend is None else backend_named(self.backend, x)
+        be = backend_for(x) if self.backend is None else backend_named(self.backend, x)
+        held = self._state_backend
+        if held is not None and not held.handles(type(x)):
+            raise TypeError(
+                f"x is a {type_name(type(x))}, but this layer's state lives in backend {held.name!r} "
+                f"({', '.join(held.info.array_types)}); call it with that backend's arrays, or load the "
+                f"state into a new layer (load_state_dict converts arrays between backends)"
+            )
+        return be
 
     def state_dict(self) -> dict[str, Any]:
         """The layer's arrays (its own objects, not copies), counter and configuration.
@@ -162,7 +169,12 @@ class _Layer:
                 f"{METADATA_KEY}['layer']={metadata.get('layer')!r}: expected {cls.__name__!r}"
             )
         config = {k: v for k, v in metadata.items() if k not in ("format_version", "layer")}
-        layer = cls(**config)
+        try:
+            layer = cls(**config)
+        except (TypeError, ValueError) as error:
+            raise StateDictError(
+                f"{METADATA_KEY} does not describe a valid {cls.__name__}: {error}"
+            ) from error
         layer.load_state_dict(state_dict)
         return layer
 
@@ -183,7 +195,6 @@ class _Layer:
 class _ChannelNorm(_Layer):
     """Batch and instance norm: per-channel affine, optional running statistics."""
 
-    _array_keys = ("weight", "bias", "running_mean", "running_var")
     _repr_first = "num_features"
     _eps_field: ClassVar[str]
     _op: ClassVar[str]
@@ -206,27 +217,28 @@ class _ChannelNorm(_Layer):
     ) -> None:
         super().__init__(preset, backend)
         p = self._preset
-        if num_features is not None and (
-            isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1
-        ):
+        if num_features is not None and (isinstance(num_features, bool) or not isinstance(num_features, int)):
+            raise TypeError(
+                f"num_features={num_features!r}: expected a positive int or None (inferred from the first input)"
+            )
+        if num_features is not None and num_features < 1:
             raise ValueError(
                 f"num_features={num_features!r}: expected a positive int or None (inferred from the first input)"
             )
         self.num_features = num_features
         self.eps = presets.check_eps(getattr(p, self._eps_field) if eps is None else eps)
-        self.momentum_weights = p.momentum_weights if momentum_weights is None else momentum_weights
-        presets.batch_weight(0.0, self.momentum_weights)  # validates the name
+        self.momentum_weights = presets.check_momentum_weights(
+            p.momentum_weights if momentum_weights is None else momentum_weights
+        )
         if momentum is presets.DEFAULT:
-            momentum = p.momentum
+            momentum = p.default_momentum(self.momentum_weights)
         self.momentum = None if momentum is None else presets.check_momentum(momentum)
         self.running_var_estimator = running_var_estimator or p.running_var_estimator
         presets.check_estimator(self.running_var_estimator)
         self.allow_single_value = (
             p.allow_single_value if allow_single_value is None else bool(allow_single_value)
         )
-        self.axis = p.axis if axis is None else axis
-        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
-            raise TypeError(f"axis={self.axis!r}: expected an int")
+        self.axis = p.axis if axis is None else functional._index(axis, "axis")
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
 
@@ -255,8 +267,9 @@ class _ChannelNorm(_Layer):
 
     def _channels(self) -> int | None:
         if self._state is not None and self._state_backend is not None:
-            for array in self._state.arrays().values():
-                return int(self._state_backend.info.shape(array)[0])
+            first = next(iter(self._state.arrays().values()), None)
+            if first is not None:
+                return int(self._state_backend.info.shape(first)[0])
         return self.num_features
 
     def _param_shapes(self) -> dict[str, tuple[int, ...]] | None:
@@ -314,6 +327,10 @@ class _ChannelNorm(_Layer):
             if self._op == "instance_norm"
             else functional._check_axis(self.axis, len(shape))
         )
+        if shape[axis] == 0:
+            raise ValueError(
+                f"x has shape {shape}: no channels on axis {self.axis}; a layer needs at least one"
+            )
         channels = self._channels()
         if channels is not None and shape[axis] != channels:
             raise ValueError(
@@ -485,7 +502,6 @@ class LayerNorm(_Layer):
     :param backend: force a backend by name.
     """
 
-    _array_keys = ("weight", "bias")
     _repr_first = "normalized_shape"
 
     def __init__(
@@ -503,13 +519,9 @@ class LayerNorm(_Layer):
         if normalized_shape is not None and axis is not None:
             raise ValueError("pass normalized_shape or axis, not both")
         self.normalized_shape = (
-            None
-            if normalized_shape is None
-            else (normalized_shape,)
-            if isinstance(normalized_shape, int)
-            else tuple(normalized_shape)
+            None if normalized_shape is None else functional.as_shape(normalized_shape, "normalized_shape")
         )
-        self.axis = axis if axis is None or isinstance(axis, int) else tuple(axis)
+        self.axis = tuple(axis) if isinstance(axis, Sequence) else axis
         self.eps = presets.check_eps(self._preset.layer_norm_eps if eps is None else eps)
         self.affine = bool(affine)
         self.has_bias = bool(bias) and self.affine
@@ -519,8 +531,9 @@ class LayerNorm(_Layer):
 
     def _param_shape(self) -> tuple[int, ...] | None:
         if self._state is not None and self._state_backend is not None:
-            for array in self._state.arrays().values():
-                return tuple(self._state_backend.info.shape(array))
+            first = next(iter(self._state.arrays().values()), None)
+            if first is not None:
+                return tuple(self._state_backend.info.shape(first))
         return self.normalized_shape
 
     def _param_shapes(self) -> dict[str, tuple[int, ...]] | None:
@@ -544,6 +557,8 @@ class LayerNorm(_Layer):
         shape = functional._check_input(be, x, 1, "layer_norm")
         axes = functional.normalized_axes(shape, self.normalized_shape, self.axis)
         param_shape = tuple(shape[a] for a in axes)
+        if 0 in param_shape:
+            raise ValueError(f"x has shape {shape}: the normalized dimensions {param_shape} hold no values")
         expected = self._param_shape()
         if expected is not None and param_shape != expected:
             raise ValueError(
@@ -591,7 +606,10 @@ def convert_state_dict(
     new = dict(metadata)
     new["preset"] = target.name
     if metadata.get("layer") in ("BatchNorm", "InstanceNorm"):
-        if metadata.get("momentum") is not None:
+        missing = sorted({"momentum", "momentum_weights", "eps", "axis"} - set(metadata))
+        if missing:
+            raise StateDictError(f"{METADATA_KEY} lacks {missing}; convert_state_dict needs them")
+        if metadata["momentum"] is not None:
             weight = presets.batch_weight(metadata["momentum"], metadata["momentum_weights"])
             new["momentum"] = presets.momentum_in_convention(weight, target.momentum_weights)
         new["momentum_weights"] = target.momentum_weights

@@ -22,10 +22,12 @@ __all__ = [
     "normkit_batch_norm",
     "normkit_instance_norm",
     "normkit_layer_norm",
+    "numpy_dtype",
 ]
 
 
-def _numpy_dtype(name: str) -> np.dtype:
+def numpy_dtype(name: str) -> np.dtype:
+    """A NumPy dtype by name; bfloat16 comes from ``ml_dtypes`` (imported only here)."""
     if name == "bfloat16":
         import ml_dtypes
 
@@ -36,11 +38,11 @@ def _numpy_dtype(name: str) -> np.dtype:
 def _asarray(array: np.ndarray, dtype: str, device: str | None) -> np.ndarray:
     if device not in (None, "cpu"):
         raise ValueError(f"device={device!r}: the numpy backend only has 'cpu'")
-    return np.array(array, dtype=_numpy_dtype(dtype), copy=True)
+    return np.array(array, dtype=numpy_dtype(dtype), copy=True)
 
 
 def _full(shape: tuple[int, ...], fill_value: float, dtype: str, like: np.ndarray) -> np.ndarray:
-    return np.full(shape, fill_value, dtype=_numpy_dtype(dtype))
+    return np.full(shape, fill_value, dtype=numpy_dtype(dtype))
 
 
 def _dtypes() -> tuple[str, ...]:
@@ -169,22 +171,46 @@ def _normalize_with_running_stats(
     return out.astype(x.dtype, copy=False)
 
 
+def _channel_norm(
+    x: np.ndarray,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    use_batch_stats: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+    unbiased_running_var: bool,
+    per_instance: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Batch norm (statistics per channel) or instance norm (per sample and channel; the
+    running statistics then take the mean over the batch of the per-instance ones)."""
+    if not use_batch_stats:
+        y = _normalize_with_running_stats(x, running_mean, running_var, weight, bias, eps, axis)
+        return y, running_mean, running_var
+    first = 1 if per_instance else 0
+    axes = tuple(a for a in range(first, x.ndim) if a != axis)
+    y, mean, var, n = _normalize_with_batch_stats(x, axes, axis, weight, bias, eps)
+    if running_mean is None or running_var is None:
+        return y, None, None
+    if unbiased_running_var:
+        var = var * (n / (n - 1))
+    if per_instance:
+        mean, var = mean.mean(axis=0), var.mean(axis=0)
+    return (
+        y,
+        _updated(running_mean, mean.reshape(-1), momentum),
+        _updated(running_var, var.reshape(-1), momentum),
+    )
+
+
 @hookimpl
 def normkit_batch_norm(
     x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
 ):
-    if not training:
-        y = _normalize_with_running_stats(x, running_mean, running_var, weight, bias, eps, axis)
-        return y, running_mean, running_var
-    axes = tuple(a for a in range(x.ndim) if a != axis)
-    y, mean, var, n = _normalize_with_batch_stats(x, axes, axis, weight, bias, eps)
-    if running_mean is None:
-        return y, None, None
-    var_estimate = var * (n / (n - 1)) if unbiased_running_var else var
-    return (
-        y,
-        _updated(running_mean, mean.reshape(-1), momentum),
-        _updated(running_var, var_estimate.reshape(-1), momentum),
+    return _channel_norm(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var, False
     )
 
 
@@ -192,18 +218,18 @@ def normkit_batch_norm(
 def normkit_instance_norm(
     x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis, unbiased_running_var
 ):
-    if not use_input_stats:
-        y = _normalize_with_running_stats(x, running_mean, running_var, weight, bias, eps, axis)
-        return y, running_mean, running_var
-    axes = tuple(a for a in range(1, x.ndim) if a != axis)
-    y, mean, var, n = _normalize_with_batch_stats(x, axes, axis, weight, bias, eps)
-    if running_mean is None:
-        return y, None, None
-    var_estimate = var * (n / (n - 1)) if unbiased_running_var else var
-    return (
-        y,
-        _updated(running_mean, mean.mean(axis=0).reshape(-1), momentum),
-        _updated(running_var, var_estimate.mean(axis=0).reshape(-1), momentum),
+    return _channel_norm(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        use_input_stats,
+        momentum,
+        eps,
+        axis,
+        unbiased_running_var,
+        True,
     )
 
 

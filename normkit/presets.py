@@ -39,6 +39,7 @@ __all__ = [
     "check_eps",
     "check_estimator",
     "check_momentum",
+    "check_momentum_weights",
     "get_preset",
     "momentum_in_convention",
 ]
@@ -83,6 +84,16 @@ class Preset:
     allow_single_value: bool
     instance_norm_affine: bool
 
+    @property
+    def update_weight(self) -> float:
+        """The weight of the new batch statistic in this preset's default update."""
+        return batch_weight(self.momentum, self.momentum_weights)
+
+    def default_momentum(self, momentum_weights: MomentumWeights) -> float:
+        """This preset's default update expressed as a momentum in the given convention (so
+        overriding only ``momentum_weights`` keeps the preset's update, not its number)."""
+        return momentum_in_convention(self.update_weight, momentum_weights)
+
 
 PRESETS: dict[str, Preset] = {
     preset.name: preset
@@ -110,30 +121,36 @@ def get_preset(preset: str | Preset) -> Preset:
         ) from None
 
 
-def _check_weights(momentum_weights: str) -> None:
+def check_momentum_weights(momentum_weights: object) -> MomentumWeights:
+    """``momentum_weights`` if it names a convention.
+
+    :raises ValueError: naming ``momentum_weights`` otherwise.
+    """
     if momentum_weights not in ("batch", "running"):
         raise ValueError(f"momentum_weights={momentum_weights!r}; expected 'batch' or 'running'")
+    return momentum_weights  # type: ignore[return-value]
 
 
 def batch_weight(momentum: float, momentum_weights: MomentumWeights) -> float:
     """The weight of the new batch statistic for ``momentum`` in the given convention."""
-    _check_weights(momentum_weights)
+    check_momentum_weights(momentum_weights)
     return momentum if momentum_weights == "batch" else 1.0 - momentum
 
 
 def momentum_in_convention(weight_of_batch: float, momentum_weights: MomentumWeights) -> float:
     """Express the weight of the new batch statistic as a momentum in the given convention."""
-    _check_weights(momentum_weights)
+    check_momentum_weights(momentum_weights)
     return weight_of_batch if momentum_weights == "batch" else 1.0 - weight_of_batch
 
 
 def check_momentum(momentum: object) -> float:
     """``momentum`` as a float in ``[0, 1]``.
 
+    :raises TypeError: naming ``momentum`` if it is not a number.
     :raises ValueError: naming ``momentum`` if it is not a finite number in ``[0, 1]``.
     """
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise ValueError(f"momentum={momentum!r}: expected a number in [0, 1]")
+        raise TypeError(f"momentum={momentum!r}: expected a number in [0, 1]")
     value = float(momentum)
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"momentum={momentum!r}: expected a number in [0, 1]")
@@ -143,10 +160,11 @@ def check_momentum(momentum: object) -> float:
 def check_eps(eps: object) -> float:
     """``eps`` as a positive finite float.
 
-    :raises ValueError: naming ``eps`` otherwise (zero, negative, NaN, infinite, not a number).
+    :raises TypeError: naming ``eps`` if it is not a number.
+    :raises ValueError: naming ``eps`` if it is zero, negative, NaN or infinite.
     """
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise ValueError(f"eps={eps!r}: expected a positive finite number")
+        raise TypeError(f"eps={eps!r}: expected a positive finite number")
     value = float(eps)
     if not (math.isfinite(value) and value > 0.0):
         raise ValueError(f"eps={eps!r}: expected a positive finite number")

@@ -66,10 +66,10 @@ def _counter(value: object) -> int:
                 if not isinstance(value, np.generic)
                 else np.asarray(value)
             )
-        except TypeError:
+        except TypeError as error:
             raise StateDictError(
-                f"num_batches_tracked is a {type_name(type(value))}; expected an int"
-            ) from None
+                f"num_batches_tracked is a {type_name(type(value))}; expected an int ({error})"
+            ) from error
         if as_numpy.shape != () or as_numpy.dtype.kind not in "iu":
             raise StateDictError(
                 f"num_batches_tracked has shape {as_numpy.shape} and dtype {as_numpy.dtype}; expected an integer scalar"
@@ -164,8 +164,10 @@ def parse_state_dict(
     for key, value in arrays.items():
         try:
             backends[key] = backend_for(value)
-        except TypeError:
-            raise StateDictError(f"{key} is a {type_name(type(value))}; expected an array") from None
+        except TypeError as error:
+            raise StateDictError(
+                f"{key} is a {type_name(type(value))}, which normkit cannot use: {error}"
+            ) from error
     source = next(iter(backends.values()), None)
     for key, be in backends.items():
         if source is not None and be.name != source.name:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,37 @@ def second_array_type() -> Iterator[None]:
     """``tests/fakefw`` on sys.path: a second framework and its installed backend, for the
     mixed-backend case. Removed afterwards, so other modules see a plain installation."""
     sys.path.insert(0, FAKEFW)
+    _registry.reset()
+    normkit.register_backend(failing_backend(), "failing")
     yield
     sys.path.remove(FAKEFW)
     _registry.reset()
+
+
+def failing_backend() -> types.ModuleType:
+    """A backend for NumPy arrays whose batch norm kernel fails: the layer has built or loaded
+    its state by the time the kernel runs, and must keep the old one."""
+    from normkit import numpy_backend
+
+    module = types.ModuleType("failing")
+
+    def normkit_backend_info() -> normkit.BackendInfo:
+        return normkit.BackendInfo(**{**numpy_backend.normkit_backend_info().__dict__, "name": "failing"})
+
+    def normkit_batch_norm(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+    ):
+        raise RuntimeError("kernel failed")
+
+    # trylast: NumPy arrays keep going to the NumPy backend unless backend="failing" is asked for
+    module.normkit_backend_info = normkit.hookimpl(trylast=True)(normkit_backend_info)
+    module.normkit_batch_norm = normkit.hookimpl(trylast=True)(normkit_batch_norm)
+    return module
+
+
+def call_through_failing_backend(layer: normkit.BatchNorm) -> Any:
+    layer.backend = "failing"
+    return layer(X)
 
 
 def fake_array(data: np.ndarray) -> Any:
@@ -83,6 +112,7 @@ def _set_metadata(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 # (id, call on a trained layer, exception type, text the message must contain)
 CASES: list[tuple[str, Callable[[normkit.BatchNorm], Any], type[Exception], str]] = [
+    ("kernel-fails-mid-call", call_through_failing_backend, RuntimeError, "kernel failed"),
     (
         "wrong-rank",
         lambda layer: layer(np.ones(5, np.float32)),
@@ -320,3 +350,12 @@ def test_bad_layer_configuration_is_rejected_at_construction(build: Callable[[],
     with pytest.raises(ValueError, match=None) as raised:
         build()
     assert message in str(raised.value)
+
+
+def test_a_fresh_layer_whose_kernel_fails_keeps_no_state() -> None:
+    layer = normkit.BatchNorm(backend="failing")
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        layer(X)
+    assert layer.running_mean is None and layer.num_batches_tracked == 0
+    with pytest.raises(RuntimeError, match="has no state yet"):
+        layer.state_dict()

@@ -63,7 +63,7 @@ def test_check_fails_with_exit_code_1_when_a_backend_is_wrong(capsys: pytest.Cap
         _registry.reset()
     out = capsys.readouterr().out
     assert "FAIL" in out and "numpy vs off-by-eps" in out and "normkit check: FAILED" in out
-    assert "replay:  from normkit.testing import get_case, run_case" in out
+    assert "replay:  from normkit.testing import Case, run_case" in out
 
 
 @pytest.mark.skipif(

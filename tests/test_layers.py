@@ -60,8 +60,9 @@ def test_eval_without_tracked_statistics_uses_batch_statistics() -> None:
     x = batches(1)[0]
     layer = normkit.BatchNorm(track_running_stats=False).eval()
     y = layer(x)
-    expected, _, _ = normkit.batch_norm(x, None, None, layer.weight, layer.bias, training=True)
-    np.testing.assert_array_equal(y, expected)
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(axis=(0, 2, 3), keepdims=True), x64.var(axis=(0, 2, 3), keepdims=True)
+    np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=1e-5)
     assert layer.running_mean is None and "running_mean" not in layer.state_dict()
 
 
@@ -71,10 +72,9 @@ def test_instance_norm_with_tracked_statistics_uses_them_in_eval() -> None:
         layer(x)
     x = batches(1, (4, 3, 5, 5))[0]
     eval_y = layer.eval()(x)
-    as_batch_norm, _, _ = normkit.batch_norm(
-        x, layer.running_mean, layer.running_var, layer.weight, layer.bias
-    )
-    np.testing.assert_allclose(eval_y, as_batch_norm, rtol=1e-6, atol=1e-6)
+    scale = (layer.weight / np.sqrt(layer.running_var.astype(np.float64) + 1e-5)).reshape(1, 3, 1, 1)
+    expected = (x - layer.running_mean.reshape(1, 3, 1, 1)) * scale + layer.bias.reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(eval_y, expected, rtol=1e-5, atol=1e-5)
     train_y = layer.train()(x)
     assert not np.allclose(train_y, eval_y, atol=1e-3)
 
@@ -191,3 +191,60 @@ def test_state_dict_before_the_first_call_is_an_error() -> None:
         normkit.BatchNorm(affine=False, track_running_stats=False).state_dict()["_metadata"]["layer"]
         == "BatchNorm"
     )
+
+
+def test_overriding_only_momentum_weights_keeps_the_presets_update() -> None:
+    x = np.full((4, 3), 5.0, np.float32)
+    for layer, weight in (
+        (normkit.BatchNorm(momentum_weights="running"), 0.1),
+        (normkit.BatchNorm(preset="keras", axis=1, momentum_weights="batch"), 0.01),
+    ):
+        layer(x)
+        np.testing.assert_allclose(layer.running_mean, weight * 5.0, rtol=1e-5)
+    _, mean, _ = normkit.batch_norm(
+        x, np.zeros(3, np.float32), np.ones(3, np.float32), training=True, momentum_weights="running"
+    )
+    np.testing.assert_allclose(mean, 0.5, rtol=1e-6)
+
+
+def test_functional_eval_ignores_momentum() -> None:
+    x = batches(1)[0]
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    np.testing.assert_array_equal(
+        normkit.batch_norm(x, rm, rv, momentum=None).y, normkit.batch_norm(x, rm, rv).y
+    )
+
+
+def test_integer_like_axes_and_shapes_are_accepted() -> None:
+    x = batches(1)[0]
+    np.testing.assert_array_equal(normkit.BatchNorm(axis=np.int64(1))(x), normkit.BatchNorm()(x))
+    np.testing.assert_array_equal(normkit.layer_norm(x, np.int64(4)), normkit.layer_norm(x, 4))
+
+
+def test_a_layer_refuses_zero_channels_instead_of_locking_to_them() -> None:
+    layer = normkit.BatchNorm()
+    with pytest.raises(ValueError, match="no channels on axis 1"):
+        layer(np.zeros((4, 0), np.float32))
+    assert layer(np.ones((4, 3), np.float32)).shape == (4, 3)
+
+
+def test_a_layer_names_the_backend_its_state_lives_in() -> None:
+    import sys
+    from pathlib import Path
+
+    from normkit import _registry
+
+    sys.path.insert(0, str(Path(__file__).parent / "fakefw"))
+    _registry.reset()  # forget the entry points read before fakefw was on the path
+    try:
+        import fakefw
+
+        layer = normkit.BatchNorm()
+        layer(batches(1)[0])
+        with pytest.raises(
+            TypeError, match=r"x is a fakefw\.Array, but this layer's state lives in backend 'numpy'"
+        ):
+            layer(fakefw.Array(batches(1)[0]))
+    finally:
+        sys.path.remove(str(Path(__file__).parent / "fakefw"))
+        _registry.reset()

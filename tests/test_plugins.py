@@ -138,3 +138,69 @@ def test_a_third_party_backend_passes_the_conformance_suite() -> None:
     )  # fmt: skip
     assert process.returncode == 0, process.stdout + process.stderr
     assert " passed" in process.stdout and "failed" not in process.stdout
+
+
+def test_a_broken_backend_is_skipped_with_a_warning_and_numpy_keeps_working(tmp_path: Path) -> None:
+    dist = tmp_path / "normkit_broken-0.1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: normkit-broken\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[normkit.backends]\npluggy = module_that_does_not_exist\n"
+    )  # normkit imports pluggy
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    code = """
+        import warnings, numpy as np, normkit
+        from normkit.cli import main
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y, _, _ = normkit.batch_norm(np.ones((4, 3)), training=True)
+        print("worked:", y.shape, [str(w.message) for w in caught])
+        main(["info"])
+    """
+    process = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+    )
+    out = assert_ok(process)
+    assert (
+        "worked: (4, 3)" in out
+        and "normkit backend 'pluggy' (module_that_does_not_exist) failed to load" in out
+    )
+    assert "failed to load: ModuleNotFoundError" in out
+
+
+def test_blocking_the_numpy_backend() -> None:
+    out = assert_ok(
+        run_python(
+            """
+            import numpy as np, normkit
+            from normkit.cli import main
+            try:
+                normkit.layer_norm(np.ones((2, 3)))
+            except normkit.NoBackendError as error:
+                print("error:", error)
+            main(["info"])
+            """,
+            NORMKIT_BLOCK_BACKENDS="numpy",
+        )
+    )
+    assert "error: no normkit backend handles arrays of type numpy.ndarray: backend 'numpy' is blocked" in out
+    assert "blocked by NORMKIT_BLOCK_BACKENDS" in out.split("numpy    normkit")[1].splitlines()[0]
+
+
+def test_the_autoload_switch_reads_like_a_boolean() -> None:
+    for value, autoload in (
+        ("1", False),
+        ("true", False),
+        ("on", False),
+        ("0", True),
+        ("false", True),
+        ("", True),
+    ):
+        out = assert_ok(
+            run_python("from normkit.cli import main; main(['info'])", NORMKIT_DISABLE_PLUGIN_AUTOLOAD=value)
+        )
+        assert f"autoload: {'on' if autoload else 'off'}" in out, value

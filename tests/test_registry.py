@@ -136,3 +136,29 @@ def test_load_backend_names_known_backends() -> None:
     assert normkit.BackendInfo is type(_registry.load_backend("numpy"))
     with pytest.raises(ValueError, match="neither registered nor installed"):
         _registry.load_backend("caffe")
+
+
+def test_a_plugin_that_fails_validation_is_not_left_registered() -> None:
+    def normkit_batch_nrom(x):  # a misspelled hook
+        return x
+
+    with pytest.raises(Exception, match="normkit_batch_nrom"):
+        normkit.register_backend(plugin("typo", normkit_batch_nrom=normkit_batch_nrom), "typo")
+    assert "typo" not in _registry.registry().loaded()
+    normkit.register_backend(
+        plugin("fine", normkit_backend_info=claiming_numpy("fine")), "fine"
+    )  # still usable
+
+
+def test_hook_wrappers_are_never_used_as_kernels() -> None:
+    def normkit_layer_norm(x, weight, bias, axes, eps):
+        result = yield
+        return result
+
+    normkit_layer_norm.marker = {"wrapper": True}
+    normkit.register_backend(
+        plugin(
+            "wrapping", normkit_backend_info=claiming_numpy("wrapping"), normkit_layer_norm=normkit_layer_norm
+        )
+    )
+    assert _registry.backend_for(np.ones(2)).layer_norm is numpy_backend.normkit_layer_norm

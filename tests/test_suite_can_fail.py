@@ -101,17 +101,35 @@ def float32_output(
 def eps_outside_the_root(
     x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
 ):
-    # sqrt(var) + eps instead of sqrt(var + eps): shift eps so that the result matches that formula
-    y, m, v = _bn(
-        x, None, None, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
-    )
-    z = y.astype(np.float64) * np.sqrt(1 + eps)  # roughly undoes the correct eps for unit variance data
+    """(x - mean) / (sqrt(var) + eps): the old Keras-CNTK bug."""
+    axes = tuple(a for a in range(x.ndim) if a != axis)
     shape = [1] * x.ndim
     shape[axis] = -1
-    z = z / (1 + eps) * (1 if weight is None else weight.reshape(shape)) + (
-        0 if bias is None else bias.reshape(shape)
+    xf = x.astype(np.float64)
+    if training:
+        mean, var = xf.mean(axis=axes), xf.var(axis=axes)
+    else:
+        mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
+    y = (xf - mean.reshape(shape)) / (np.sqrt(var.reshape(shape)) + eps)
+    y = y * (1 if weight is None else weight.reshape(shape)) + (0 if bias is None else bias.reshape(shape))
+    _, m, v = _bn(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
     )
-    return z.astype(x.dtype), m, v
+    return y.astype(x.dtype), m, v
+
+
+def updates_in_place(
+    x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+):
+    """Writes the new running statistics into the arrays it was given, as F.batch_norm does."""
+    y, m, v = _bn(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+    )
+    if running_mean is None or not training:
+        return y, m, v
+    running_mean[...] = m
+    running_var[...] = v
+    return y, running_mean, running_var
 
 
 BROKEN: dict[str, tuple[Callable[..., object], str]] = {
@@ -123,6 +141,7 @@ BROKEN: dict[str, tuple[Callable[..., object], str]] = {
     "writes-its-input": (writes_its_input, "bn-inputs-not-mutated"),
     "float32-output": (float32_output, "bn-output-dtype-f16"),
     "eps-outside-the-root": (eps_outside_the_root, "bn-keras-preset-ema"),
+    "updates-in-place": (updates_in_place, "bn-ema-20-steps"),
 }
 
 

@@ -18,21 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from normkit.numpy_backend import numpy_dtype
 from normkit.presets import get_preset
 
-__all__ = ["CASES", "Case", "get_case", "numpy_dtype"]
+__all__ = ["CASES", "Case", "get_case"]
 
 SHORT_DTYPE = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
 ALL_DTYPES = tuple(SHORT_DTYPE)
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """A NumPy dtype by name; bfloat16 comes from ``ml_dtypes``."""
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 @dataclass(frozen=True)
@@ -273,6 +265,14 @@ CASES: tuple[Case, ...] = tuple(
             options={"preset": "flax"},
             steps=("train",) * 3 + ("eval",),
             purpose="flax conventions",
+        ),
+        _case(
+            "bn-momentum-weights-override",
+            _BN,
+            (8, 3, 4, 4),
+            options={"momentum_weights": "running"},
+            steps=("train",) * 4 + ("eval",),
+            purpose="overriding only the convention keeps the preset's update (torch: 0.1 on the batch = 0.9 on the running value)",
         ),
         _case(
             "bn-onnx-preset",

@@ -56,20 +56,26 @@ class CaseResult:
         return self.skipped is None and not self.failures
 
     def repro(self) -> str:
-        """A snippet that replays the case and shows the calls involved."""
+        """A snippet that replays the case (for any case, random ones included) and the calls
+        it makes."""
         case = self.case
         x = f"np.random.default_rng([{case.seed}, step]).normal({case.loc}, {case.scale}, size={case.input(0).shape}).astype({case.dtype!r})"
         if case.noncontiguous:
             x += "[..., ::2]"
-        options = dict(case.options)
         return (
             f"case {case.id!r} (seed {case.seed}) on backend {self.backend!r}, device {self.device!r}\n"
-            f"  replay:  from normkit.testing import get_case, run_case\n"
-            f"           print(run_case(get_case({case.id!r}), backend={self.backend!r}, device={self.device!r}).report())\n"
-            f"  calls:   layer = normkit.{LAYERS[case.op].__name__}(**{options!r}, backend={self.backend!r})\n"
-            f"           layer.load_state_dict(<get_case({case.id!r}).initial_state(), in the backend>)\n"
-            f"           for step, mode in enumerate({case.steps!r}): layer.train(mode == 'train'); y = layer(x)\n"
+            f"  replay:  from normkit.testing import Case, run_case\n"
+            f"           print(run_case({case!r},\n"
+            f"                          backend={self.backend!r}, device={self.device!r}).report())\n"
+            f"  calls:   layer = normkit.{LAYERS[case.op].__name__}(**{dict(case.options)!r}, backend={self.backend!r})\n"
+            f"           layer.load_state_dict(case.initial_state() as {self.backend} arrays)\n"
+            f"           for step, mode in enumerate({case.steps!r}): y = layer.train(mode == 'train')(x)\n"
             f"           with x = {x}"
+            + (
+                f", channel {case.constant_channel} set to {case.loc + 0.1 * case.scale}"
+                if case.constant_channel is not None
+                else ""
+            )
         )
 
     def report(self) -> str:
@@ -102,8 +108,8 @@ def _options(case: Case) -> dict[str, Any]:
             axes = tuple(sorted(a % len(case.shape) for a in raw))
         affine = o.get("affine", True)
         return {"eps": eps, "axes": axes, "affine": affine, "bias": affine and o.get("bias", True)}
-    momentum = o.get("momentum", p.momentum)
     weights = o.get("momentum_weights", p.momentum_weights)
+    momentum = o.get("momentum", presets.momentum_in_convention(p.update_weight, weights))
     default_affine = True if case.op == "batch_norm" else p.instance_norm_affine
     return {
         "eps": o.get("eps", p.batch_norm_eps if case.op == "batch_norm" else p.instance_norm_eps),
@@ -237,12 +243,19 @@ def _play(case: Case, info: BackendInfo, backend: str, device: str | None, resul
         if case.noncontiguous:
             x = x[..., ::2]
         before = info.to_numpy(x)
+        held = {k: v for k, v in layer.state_dict().items() if k in keys} if keys else {}
+        held_values = {k: info.to_numpy(v) for k, v in held.items()}
         state_before = _snapshot(info, layer) if (keys or tracks) else {}
         layer.train(training)
         y = layer(x)
         where = f"step {step} ({mode})"
         if not np.array_equal(info.to_numpy(x), before, equal_nan=True):
             result.failures.append(f"{where}: the input was modified")
+        for key, array in held.items():  # the arrays the layer passed to the kernel
+            if not np.array_equal(info.to_numpy(array), held_values[key], equal_nan=True):
+                result.failures.append(
+                    f"{where}: {key} was modified in place (kernels must return new arrays)"
+                )
         if info.dtype_name(y) != case.dtype:
             result.failures.append(f"{where}: output dtype {info.dtype_name(y)}, expected {case.dtype}")
         if tuple(info.shape(y)) != tuple(x_np.shape):
@@ -292,9 +305,7 @@ def _compare(
     error = np.abs(got - ref)
     bad = ~(error <= bound)  # NaN counts as bad
     scale = float(np.abs(ref).max())
-    max_error = float(np.nanmax(error)) if not np.all(np.isnan(error)) else math.inf
-    if np.any(np.isnan(error)):
-        max_error = math.inf
+    max_error = math.inf if np.isnan(error).any() else float(error.max())
     result.max_abs_error = max(result.max_abs_error, max_error)
     result.max_rel_error = max(result.max_rel_error, max_error / scale if scale > 0 else max_error)
     if np.any(bad):

@@ -30,8 +30,9 @@ from hypothesis import strategies as st
 import normkit
 from normkit import hookspecs
 from normkit._registry import OPS, backend_named, load_backend
+from normkit.numpy_backend import numpy_dtype
 from normkit.testing import strategies
-from normkit.testing.cases import CASES, Case, numpy_dtype
+from normkit.testing.cases import CASES, Case
 from normkit.testing.runner import run_case
 from normkit.testing.tolerances import output_tolerance
 

@@ -18,8 +18,8 @@ exactly the same inputs. For an output ``y`` in storage dtype ``d`` computed in 
   its conditioning allows, while :math:`E[x^2]-E[x]^2`, which is not backward stable, still
   fails by orders of magnitude. ``K = 8``.
 
-Running statistics are stored in float32 (float64 for float64 input) and pass through one
-rounding per update:
+Running statistics are stored in float32 (float64 for float64 input), so their epsilon
+:math:`\epsilon_s` equals :math:`\epsilon_c`; each update rounds once:
 
 .. math::
 
@@ -78,7 +78,6 @@ def output_tolerance(dtype: str) -> Tolerance:
 def statistics_tolerance(dtype: str, statistic: str, magnitude: float) -> Tolerance:
     """Tolerance for a running statistic (``"mean"`` or ``"var"``) after training on inputs
     of the given dtype whose largest magnitude is ``magnitude``."""
-    eps_c = EPS[compute_dtype(dtype)]
-    eps_stored = EPS[compute_dtype(dtype)]
+    eps_c = EPS[compute_dtype(dtype)]  # also the stored statistics' dtype (float32, or float64)
     atol = 64 * eps_c * magnitude if statistic == "mean" else (16 * eps_c * magnitude) ** 2
-    return Tolerance(rtol=64 * eps_stored, atol=atol)
+    return Tolerance(rtol=64 * eps_c, atol=atol)
