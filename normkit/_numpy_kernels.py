@@ -175,6 +175,12 @@ def centered_moments(
     return d, shift, mean, var
 
 
+def _scale(var: np.ndarray, eps: float, weight: np.ndarray | None) -> np.ndarray:
+    """``gamma / sqrt(var + eps)`` in float64 (``gamma`` = 1 when ``weight`` is None)."""
+    a = 1.0 / np.sqrt(var + eps)
+    return a if weight is None else a * weight
+
+
 def normalize_centered(
     d: np.ndarray,
     shift: np.ndarray,
@@ -189,10 +195,7 @@ def normalize_centered(
     ``weight`` and ``bias`` are float64 and broadcast against ``mean`` (per-group affine: batch
     and instance norm).
     """
-    a = 1.0 / np.sqrt(var + eps)
-    if weight is not None:
-        a = a * weight
-    a = np.where(var == 0.0, 0.0, a)
+    a = np.where(var == 0.0, 0.0, _scale(var, eps, weight))
     b = -(mean - shift) * a
     if bias is not None:
         b = b + bias
@@ -214,9 +217,7 @@ def eval_scale_shift(
 
     All statistics are float64 and broadcast against ``x``; ``out`` has the compute dtype.
     """
-    a = 1.0 / np.sqrt(var + eps)
-    if weight is not None:
-        a = a * weight
+    a = _scale(var, eps, weight)
     beta = bias if bias is not None else 0.0
     if np.all(np.abs(mean * a) <= FUSED_EVAL_LIMIT):
         np.multiply(x, a.astype(out.dtype), out=out)
