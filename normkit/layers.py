@@ -151,7 +151,7 @@ class _Layer:
             current=self._state,
             current_backend=self._state_backend,
             param_shapes=self._param_shapes(),
-            per_channel=not isinstance(self, LayerNorm),
+            per_channel=self._per_channel,
             strict=strict,
         )
         self._state, self._state_backend = state, backend
@@ -179,8 +179,11 @@ class _Layer:
         return layer
 
     def to_preset(self: LayerT, preset: str, *, axis: int | Sequence[int] | None = None) -> LayerT:
-        """A copy of this layer under another preset's conventions; see :func:`convert_state_dict`."""
-        return type(self).from_state_dict(convert_state_dict(self.state_dict(), preset, axis=axis))
+        """A copy of this layer (state, mode and backend) under another preset's conventions;
+        see :func:`convert_state_dict`."""
+        converted = type(self).from_state_dict(convert_state_dict(self.state_dict(), preset, axis=axis))
+        converted.backend = self.backend
+        return converted.train(self.training)
 
     def __repr__(self) -> str:
         config = self._config()
@@ -190,12 +193,14 @@ class _Layer:
         return f"{type(self).__name__}({first!r}, {args})"
 
     _repr_first: ClassVar[str]
+    _per_channel: ClassVar[bool]
 
 
 class _ChannelNorm(_Layer):
     """Batch and instance norm: per-channel affine, optional running statistics."""
 
     _repr_first = "num_features"
+    _per_channel = True
     _eps_field: ClassVar[str]
     _op: ClassVar[str]
     _min_ndim: ClassVar[int]
@@ -503,6 +508,7 @@ class LayerNorm(_Layer):
     """
 
     _repr_first = "normalized_shape"
+    _per_channel = False
 
     def __init__(
         self,
