@@ -129,25 +129,42 @@ def sum64(v: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return total if tail is None else total + np.add.reduce(tail, axis=axes, dtype=np.float64, keepdims=True)
 
 
+DOT_ROW = 1024
+"""Longest run a dot product accumulates in the compute dtype before float64 takes over."""
+
+
 def sum_squares64(v: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """``sum(v**2)`` over ``axes`` (keepdims) in float64, without a squared temporary: dot
-    products along a contiguous last axis, or blocks of :data:`BLOCK` rows, then float64."""
+    products over runs of at most :data:`DOT_ROW` along a contiguous last axis, or blocks of
+    :data:`BLOCK` rows, each accumulated on in float64. If float32 squares overflow (|v| beyond
+    about 1e19) the sum is redone in float64."""
+    with np.errstate(over="ignore"):  # an overflow is detected and handled below
+        total = _sum_squares_in_runs(v, axes)
+    if v.dtype != np.float64 and not np.all(np.isfinite(total)):
+        total = np.add.reduce(np.square(v, dtype=np.float64), axis=axes, keepdims=True)
+    return total
+
+
+def _sum_squares_in_runs(v: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     if _contiguous_last(v, axes):
-        last = v.ndim - 1
-        rows = np.vecdot(v, v)[..., None]
-        return (
-            _finish64(rows, tuple(a for a in axes if a != last))
-            if v.dtype != np.float64
-            else np.add.reduce(rows, axis=axes, keepdims=True)
-        )
+        rest = tuple(a for a in axes if a != v.ndim - 1)
+        n = v.shape[-1]
+        m = n // DOT_ROW * DOT_ROW if n > DOT_ROW else 0
+        rows = np.zeros((*v.shape[:-1], 1))
+        if m:
+            runs = v[..., :m].reshape((*v.shape[:-1], m // DOT_ROW, DOT_ROW))
+            rows += np.add.reduce(np.vecdot(runs, runs), axis=-1, dtype=np.float64, keepdims=True)
+        if m < n:
+            tail = v[..., m:]
+            rows += np.vecdot(tail, tail)[..., None]
+        return np.add.reduce(rows, axis=rest, keepdims=True) if rest else rows
     blocked = _blocks(v, axes)
     if blocked is None:
         return np.add.reduce(np.square(v, dtype=np.float64), axis=axes, keepdims=True)
     split, tail, k = blocked
     letters = "abcdefghijklmnopqrstuvwxyz"[: split.ndim]
     output = letters[: k + 1] + letters[k + 2 :]
-    partial = np.einsum(f"{letters},{letters}->{output}", split, split)
-    total = _finish64(partial, axes)
+    total = _finish64(np.einsum(f"{letters},{letters}->{output}", split, split), axes)
     if tail is None:
         return total
     return total + np.add.reduce(np.square(tail, dtype=np.float64), axis=axes, keepdims=True)

@@ -7,8 +7,9 @@ round so that machine noise hits them alike:
 * the *native* op of the reference framework on the same data (PyTorch's ``F.batch_norm``,
   ``F.layer_norm``, ``F.instance_norm``; for the NumPy backend, PyTorch on the CPU);
 * the *bandwidth floor*: a copy of the input into a preallocated output in the backend's own
-  framework. Normalization reads ``x`` and writes ``y`` at least once, so no implementation can
-  beat a copy.
+  framework. Normalization reads ``x`` and writes ``y`` at least once, so an implementation in
+  that framework cannot beat its copy (a fused, multithreaded native op can come close to or
+  under NumPy's single-threaded copy).
 
 Reported: the median time of each, and the medians of the per-round ratios normkit/native and
 normkit/floor. The spread of the floor's times (interquartile range / median) is reported as
@@ -128,7 +129,8 @@ NATIVE_FOR_BACKEND = {"numpy": "torch"}
 
 
 def _floor(info: Any, x: Any) -> Callable[[], Any]:
-    """A copy of ``x`` into a preallocated output, in the backend's framework."""
+    """A copy of ``x`` into a preallocated output, in the backend's framework (for NumPy,
+    ``np.copyto``, on one thread like NumPy itself)."""
     if isinstance(x, np.ndarray):
         out = np.empty_like(x)
         return lambda: np.copyto(out, x)

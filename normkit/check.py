@@ -77,7 +77,12 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
-        return not self.load_errors and all(r.passed or r.skipped for rs in self.results.values() for r in rs)
+        """Every backend loaded, ran at least one case, and passed every case it ran."""
+        return (
+            not self.load_errors
+            and all(any(not r.skipped for r in rs) for rs in self.results.values())
+            and all(r.passed or r.skipped for rs in self.results.values() for r in rs)
+        )
 
     def _rows(self) -> list[tuple[str, str]]:
         return list(dict.fromkeys((case.op, case.dtype) for case in CASES))
@@ -120,6 +125,9 @@ class CheckReport:
 
     def failures(self) -> str:
         lines = [f"{b}: could not be loaded: {error}" for b, error in self.load_errors.items()]
+        for b, results in self.results.items():
+            if results and all(r.skipped for r in results):
+                lines.append(f"{b}: no case ran ({results[0].skipped})")
         for results in self.results.values():
             lines += [r.report() for r in results if not r.passed and not r.skipped]
         return "\n".join(lines)

@@ -118,7 +118,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             print(message, file=sys.stderr, flush=True)
 
-    results = run_bench(args.backend or available_backends(), workloads, args.rounds, progress)
+    backends = args.backend or available_backends()
+    for name in backends:
+        try:
+            registry().info(name)
+        except ValueError as error:
+            print(f"normkit bench: {error}", file=sys.stderr)
+            return 2
+    results = run_bench(backends, workloads, args.rounds, progress)
     if interactive:
         print("\r\033[K", end="", file=sys.stderr)
     print(format_table(results, markdown=args.markdown))
@@ -126,6 +133,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_json(results, args.json)
         print(f"\nresults written to {args.json}")
     return 0
+
+
+def _rounds(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"--rounds={value}: need at least 2 rounds for a median and a spread"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--backend", action="append", help="bench only this backend (repeatable)")
     bench.add_argument("--workload", action="append", help="run only this workload (repeatable)")
-    bench.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
+    bench.add_argument(
+        "--rounds", type=_rounds, default=20, help="interleaved timing rounds, at least 2 (default 20)"
+    )
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")
     bench.add_argument("--markdown", action="store_true", help="print a Markdown table")
     bench.set_defaults(run=cmd_bench)

@@ -11,11 +11,12 @@ __all__ = ["NoBackendError", "StateDictError"]
 
 
 class NoBackendError(TypeError):
-    """No installed backend handles this array type, or the named backend does not exist.
+    """No installed backend handles this array type.
 
     The message names the distribution to install (``pip install normkit-torch``), or says why
     an installed backend was not used (blocked by ``NORMKIT_BLOCK_BACKENDS``, autoloading
-    disabled by ``NORMKIT_DISABLE_PLUGIN_AUTOLOAD``).
+    disabled by ``NORMKIT_DISABLE_PLUGIN_AUTOLOAD``, failed to load). Asking for a backend by a
+    name that is not registered (``backend="jax"``) is a ``ValueError`` naming ``backend``.
     """
 
 

@@ -58,6 +58,18 @@ class _Layer:
         self._state: NormState | None = None
         self._state_backend: Backend | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the configuration and state; the backend is found again from the arrays."""
+        state = dict(self.__dict__)
+        state["_state_backend"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        arrays = self._state.arrays() if self._state is not None else {}
+        first = next(iter(arrays.values()), None)
+        self._state_backend = None if first is None else backend_for(first)
+
     # -- mode ---------------------------------------------------------------------------
     def train(self: LayerT, mode: bool = True) -> LayerT:
         """Set training mode (``mode=False`` is eval) and return the layer."""
@@ -222,14 +234,12 @@ class _ChannelNorm(_Layer):
     ) -> None:
         super().__init__(preset, backend)
         p = self._preset
-        if num_features is not None and (isinstance(num_features, bool) or not isinstance(num_features, int)):
-            raise TypeError(
-                f"num_features={num_features!r}: expected a positive int or None (inferred from the first input)"
-            )
-        if num_features is not None and num_features < 1:
-            raise ValueError(
-                f"num_features={num_features!r}: expected a positive int or None (inferred from the first input)"
-            )
+        if num_features is not None:
+            num_features = functional._index(num_features, "num_features")
+            if num_features < 1:
+                raise ValueError(
+                    f"num_features={num_features!r}: expected a positive int or None (inferred from the first input)"
+                )
         self.num_features = num_features
         self.eps = presets.check_eps(getattr(p, self._eps_field) if eps is None else eps)
         self.momentum_weights = presets.check_momentum_weights(
@@ -448,8 +458,9 @@ class InstanceNorm(_ChannelNorm):
     (then it normalizes like batch norm in eval; the running statistics average the
     per-instance statistics over the batch).
 
-    Parameters as :class:`BatchNorm`; defaults follow the preset, and the torch preset has
-    ``affine=False`` and ``track_running_stats=False`` (PyTorch's ``InstanceNorm2d``).
+    Parameters as :class:`BatchNorm`, with ``track_running_stats=False`` by default (as in
+    PyTorch) under every preset; ``affine`` follows the preset (``False`` for torch, as
+    PyTorch's ``InstanceNorm2d``; ``True`` for keras, flax and onnx).
     """
 
     _eps_field = "instance_norm_eps"

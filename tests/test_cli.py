@@ -86,3 +86,17 @@ def test_bench_reports_batch_norm_against_torch_and_the_floor(
     for result in results:
         assert result["native"] == "torch" and result["shape"] == [32, 64, 56, 56]
         assert result["ratio_to_native"] > 0 and result["ratio_to_floor"] > 0 and result["rounds"] == 3
+
+
+def test_check_fails_when_no_case_can_run(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--backend", "numpy", "--device", "cuda"]) == 1
+    assert "numpy: no case ran (backend 'numpy' has no device 'cuda')" in capsys.readouterr().out
+
+
+def test_bench_rejects_bad_arguments_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--backend", "nope"]) == 2
+    assert "backend='nope' is neither registered nor installed" in capsys.readouterr().err
+    assert main(["bench", "--workload", "nope"]) == 2
+    with pytest.raises(SystemExit):
+        main(["bench", "--rounds", "1"])
+    assert "need at least 2 rounds" in capsys.readouterr().err

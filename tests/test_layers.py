@@ -248,3 +248,19 @@ def test_a_layer_names_the_backend_its_state_lives_in() -> None:
     finally:
         sys.path.remove(str(Path(__file__).parent / "fakefw"))
         _registry.reset()
+
+
+def test_layers_pickle_and_deepcopy_with_their_state() -> None:
+    import copy
+    import pickle
+
+    layer = normkit.BatchNorm(momentum=None)
+    for x in batches(2):
+        layer(x)
+    x = batches(1)[0]
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        assert clone.num_batches_tracked == 2
+        np.testing.assert_array_equal(clone.eval()(x), layer.eval()(x))
+        clone.train()(x)  # and it keeps working (its backend is found again from its arrays)
+    restored = pickle.loads(pickle.dumps(normkit.LayerNorm(4)))
+    assert restored(x).shape == x.shape

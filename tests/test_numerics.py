@@ -127,3 +127,45 @@ def test_inputs_are_never_written() -> None:
     normkit.layer_norm(arrays[0], 4)
     for a, c in zip(arrays, copies, strict=True):
         np.testing.assert_array_equal(a, c)
+
+
+def test_very_long_rows_keep_float32_accuracy() -> None:
+    # 16M values per channel: float32 dot products over such rows drift; runs of 1024 do not
+    rng = np.random.default_rng(12)
+    x = rng.normal(3.0, 2.0, size=(1, 1, 4096, 4096)).astype(np.float32)
+    y, _, var = normkit.batch_norm(x, np.zeros(1, np.float32), np.ones(1, np.float32), training=True)
+    y_ref, _, var_ref = reference.batch_norm(
+        x,
+        None,
+        None,
+        np.zeros(1),
+        np.ones(1),
+        training=True,
+        momentum=0.1,
+        eps=1e-5,
+        axis=1,
+        unbiased_running_var=True,
+    )
+    np.testing.assert_allclose(var, var_ref, rtol=2e-6)
+    assert np.abs(y - y_ref).max() < 2e-6
+    rows = x.reshape(2, -1)
+    assert np.abs(normkit.layer_norm(rows) - reference.layer_norm(rows, axes=(1,), eps=1e-5)).max() < 2e-6
+
+
+def test_float32_values_whose_squares_overflow() -> None:
+    x = np.random.default_rng(13).normal(0.0, 1e19, size=(8, 3, 4, 4)).astype(np.float32)  # x*x > float32 max
+    y, _, var = normkit.batch_norm(x, np.zeros(3, np.float32), np.ones(3, np.float32), training=True)
+    y_ref, _, var_ref = reference.batch_norm(
+        x,
+        None,
+        None,
+        np.zeros(3),
+        np.ones(3),
+        training=True,
+        momentum=0.1,
+        eps=1e-5,
+        axis=1,
+        unbiased_running_var=True,
+    )
+    assert np.isfinite(y).all() and np.abs(y - y_ref).max() < 1e-5
+    np.testing.assert_allclose(var, var_ref, rtol=1e-6)
