@@ -13,6 +13,17 @@ def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(got.astype(np.float64) - expected).max() / np.abs(expected).max())
 
 
+def torch_preset_reference(
+    x: object, running_mean: object, running_var: object, weight: object = None, bias: object = None, *,
+    training: bool = True, axis: int = 1,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:  # fmt: skip
+    """The float64 reference with the torch preset's options (momentum 0.1, eps 1e-5, unbiased)."""
+    return reference.batch_norm(
+        x, weight, bias, running_mean, running_var,
+        training=training, momentum=0.1, eps=1e-5, axis=axis, unbiased_running_var=True,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e5])
 @pytest.mark.parametrize("axis", [1, -1])
 def test_large_mean_offset_in_float32_stays_within_1e_3(offset: float, axis: int) -> None:
@@ -23,9 +34,7 @@ def test_large_mean_offset_in_float32_stays_within_1e_3(offset: float, axis: int
     rm, rv = np.zeros(8, np.float32), np.ones(8, np.float32)
     w, b = rng.uniform(0.5, 2.0, 8).astype(np.float32), rng.normal(size=8).astype(np.float32)
     y, mean, var = normkit.batch_norm(x, rm, rv, w, b, training=True, axis=axis)
-    y_ref, mean_ref, var_ref = reference.batch_norm(
-        x, w, b, rm, rv, training=True, momentum=0.1, eps=1e-5, axis=axis, unbiased_running_var=True
-    )
+    y_ref, mean_ref, var_ref = torch_preset_reference(x, rm, rv, w, b, axis=axis)
     assert relative_error(y, y_ref) < 1e-3
     assert relative_error(mean, mean_ref) < 1e-3
     assert relative_error(var, var_ref) < 1e-3
@@ -54,9 +63,7 @@ def test_float16_values_beyond_256_give_finite_correct_output() -> None:
         assert np.isinf(x * x).any()
     rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
     y, mean, var = normkit.batch_norm(x, rm, rv, training=True)
-    y_ref, mean_ref, var_ref = reference.batch_norm(
-        x, None, None, rm, rv, training=True, momentum=0.1, eps=1e-5, axis=1, unbiased_running_var=True
-    )
+    y_ref, mean_ref, var_ref = torch_preset_reference(x, rm, rv)
     assert y.dtype == np.float16 and np.isfinite(y).all()
     assert np.abs(y.astype(np.float64) - y_ref).max() < 4e-3  # float16 rounding of |y| < 4
     np.testing.assert_allclose(mean, mean_ref, rtol=1e-6)
@@ -87,18 +94,7 @@ def test_float64_input_computes_in_float64() -> None:
     rng = np.random.default_rng(9)
     x = rng.normal(size=(16, 5, 7))
     y, mean, var = normkit.batch_norm(x, np.zeros(5), np.ones(5), training=True)
-    y_ref, _mean_ref, var_ref = reference.batch_norm(
-        x,
-        None,
-        None,
-        np.zeros(5),
-        np.ones(5),
-        training=True,
-        momentum=0.1,
-        eps=1e-5,
-        axis=1,
-        unbiased_running_var=True,
-    )
+    y_ref, _mean_ref, var_ref = torch_preset_reference(x, np.zeros(5), np.ones(5))
     assert y.dtype == np.float64 and mean.dtype == np.float64
     np.testing.assert_allclose(y, y_ref, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(var, var_ref, rtol=1e-13)
@@ -110,9 +106,7 @@ def test_eval_with_far_running_mean_uses_the_centred_form() -> None:
     rm = np.full(3, 5e4, np.float32)
     rv = np.ones(3, np.float32)
     y, _, _ = normkit.batch_norm(x, rm, rv)
-    y_ref, _, _ = reference.batch_norm(
-        x, None, None, rm, rv, training=False, momentum=0.1, eps=1e-5, axis=1, unbiased_running_var=True
-    )
+    y_ref, _, _ = torch_preset_reference(x, rm, rv, training=False)
     assert np.abs(y - y_ref).max() < 1e-5  # the fused x*a + b would lose ~5e4 * 6e-8 = 3e-3
 
 
@@ -134,18 +128,7 @@ def test_very_long_rows_keep_float32_accuracy() -> None:
     rng = np.random.default_rng(12)
     x = rng.normal(3.0, 2.0, size=(1, 1, 4096, 4096)).astype(np.float32)
     y, _, var = normkit.batch_norm(x, np.zeros(1, np.float32), np.ones(1, np.float32), training=True)
-    y_ref, _, var_ref = reference.batch_norm(
-        x,
-        None,
-        None,
-        np.zeros(1),
-        np.ones(1),
-        training=True,
-        momentum=0.1,
-        eps=1e-5,
-        axis=1,
-        unbiased_running_var=True,
-    )
+    y_ref, _, var_ref = torch_preset_reference(x, np.zeros(1), np.ones(1))
     np.testing.assert_allclose(var, var_ref, rtol=2e-6)
     assert np.abs(y - y_ref).max() < 2e-6
     rows = x.reshape(2, -1)
@@ -155,17 +138,6 @@ def test_very_long_rows_keep_float32_accuracy() -> None:
 def test_float32_values_whose_squares_overflow() -> None:
     x = np.random.default_rng(13).normal(0.0, 1e19, size=(8, 3, 4, 4)).astype(np.float32)  # x*x > float32 max
     y, _, var = normkit.batch_norm(x, np.zeros(3, np.float32), np.ones(3, np.float32), training=True)
-    y_ref, _, var_ref = reference.batch_norm(
-        x,
-        None,
-        None,
-        np.zeros(3),
-        np.ones(3),
-        training=True,
-        momentum=0.1,
-        eps=1e-5,
-        axis=1,
-        unbiased_running_var=True,
-    )
+    y_ref, _, var_ref = torch_preset_reference(x, np.zeros(3), np.ones(3))
     assert np.isfinite(y).all() and np.abs(y - y_ref).max() < 1e-5
     np.testing.assert_allclose(var, var_ref, rtol=1e-6)
