@@ -115,23 +115,15 @@ def instance_norm(
     instances = []
     means = []
     stored_vars = []
-    for sample in x:  # each instance is a batch norm of one sample
-        y, _, _ = batch_norm(
-            sample[None],
-            weight,
-            bias,
-            training=True,
-            momentum=momentum,
-            eps=eps,
-            axis=axis,
-            unbiased_running_var=unbiased_running_var,
-        )
-        rows, _ = _rows(sample[None], axis)
-        mean, var = _mean_and_biased_var(rows)
-        n = rows.shape[1]
+    channels = x.shape[axis]
+    for sample in x:  # each instance is a batch norm of one sample; momentum 1 returns its statistics
+        y, mean, stored_var = batch_norm(
+            sample[None], weight, bias, np.zeros(channels), np.zeros(channels),
+            training=True, momentum=1.0, eps=eps, axis=axis, unbiased_running_var=unbiased_running_var,
+        )  # fmt: skip
         instances.append(y[0])
         means.append(mean)
-        stored_vars.append(var * n / (n - 1) if unbiased_running_var else var)
+        stored_vars.append(stored_var)
     y = np.stack(instances) if instances else np.empty_like(x)
     if running_mean is None:
         return y, None, None
