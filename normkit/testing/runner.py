@@ -18,7 +18,13 @@ from normkit import presets, reference
 from normkit._registry import load_backend
 from normkit.hookspecs import BackendInfo
 from normkit.testing.cases import Case
-from normkit.testing.tolerances import EPS, compute_dtype, output_tolerance, statistics_tolerance
+from normkit.testing.tolerances import (
+    CONDITIONING_FACTOR,
+    EPS,
+    compute_dtype,
+    output_tolerance,
+    statistics_tolerance,
+)
 
 __all__ = ["CaseResult", "StepOutput", "run_case"]
 
@@ -156,6 +162,41 @@ def _reference_step(
     return y
 
 
+def _centering_gain(
+    case: Case, o: dict[str, Any], state: _ReferenceState, x: np.ndarray, training: bool
+) -> np.ndarray | float:
+    r""":math:`|\mu|\,|\gamma| / \sqrt{\sigma^2 + \epsilon}` per element: how far ``y`` moves per
+    unit of relative error in the mean it subtracts.
+
+    The spec allows a two-pass algorithm in the compute dtype, whose mean is only known to
+    :math:`\epsilon_c|\mu|`, and ATen-style fused ``x*a + (b - mu*a)`` rounds ``mu*a`` likewise. No
+    perturbation of the data models that (normalization ignores a common shift), so the bound
+    adds :math:`K\epsilon_c` times this gain. :math:`E[x^2]-E[x]^2` loses
+    :math:`\epsilon_c\,\mu^2/\sigma^2`, far more, and still fails.
+    """
+    if x.size == 0:
+        return 0.0
+    shape = [1] * x.ndim
+    if case.op == "layer_norm":
+        axes = o["axes"]
+        for a in axes:
+            shape[a] = x.shape[a]
+        mean, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+    else:
+        axis = o["axis"] % x.ndim
+        shape[axis] = x.shape[axis]
+        if training or not o["track"]:
+            first = 1 if case.op == "instance_norm" else 0
+            axes = tuple(a for a in range(first, x.ndim) if a != axis)
+            mean, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+        else:
+            mean = state.arrays["running_mean"].reshape(shape)
+            var = state.arrays["running_var"].reshape(shape)
+    weight = state.arrays.get("weight")
+    gamma = 1.0 if weight is None else np.abs(weight).reshape(shape)
+    return np.abs(mean) * gamma / np.sqrt(var + o["eps"])
+
+
 def _expected_keys(case: Case, o: dict[str, Any]) -> list[str]:
     if case.op == "layer_norm":
         return (["weight"] if o["affine"] else []) + (["bias"] if o["bias"] else [])
@@ -273,9 +314,10 @@ def _play(case: Case, info: BackendInfo, backend: str, device: str | None, resul
         y_ref = _reference_step(case, o, clean, x64, training)
         y_pert = _reference_step(case, o, perturbed, x64 * (1.0 + eps_c * u), training)
         conditioning = float(np.abs(y_ref - y_pert).max()) if y_ref.size else 0.0
-        _compare(
-            result, where, _as64(info.to_numpy(y)), y_ref, tolerance.bound(y_ref, conditioning), record=True
+        bound = tolerance.bound(y_ref, conditioning) + CONDITIONING_FACTOR * eps_c * _centering_gain(
+            case, o, clean, x64, training
         )
+        _compare(result, where, _as64(info.to_numpy(y)), y_ref, bound, record=True)
 
     if tracks:
         final = layer.state_dict()

@@ -1,0 +1,88 @@
+"""Swap the stock ``torch.nn`` normalization layers of a model for normkit's, keeping the state.
+
+Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the new layers share the old layers'
+parameters (so an optimizer built before the conversion keeps working) and buffers, and take
+their configuration (``eps``, ``momentum``, ``affine``, ``track_running_stats``) and
+training mode. ``preset`` sets only what ``torch.nn`` hard-codes (the running-variance
+estimator and the one-value rule); see :mod:`normkit_torch.modules`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from normkit import presets
+from normkit_torch import modules
+
+__all__ = ["convert_norm_layers"]
+
+_CHANNEL_NORMS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: modules.BatchNorm1d,
+    nn.BatchNorm2d: modules.BatchNorm2d,
+    nn.BatchNorm3d: modules.BatchNorm3d,
+    nn.InstanceNorm1d: modules.InstanceNorm1d,
+    nn.InstanceNorm2d: modules.InstanceNorm2d,
+    nn.InstanceNorm3d: modules.InstanceNorm3d,
+}
+
+
+def _converted(module: nn.Module, preset: str | presets.Preset) -> nn.Module:
+    """normkit's counterpart of one stock layer (``module`` itself for any other module)."""
+    kind = type(module)  # exact types only: a subclass may have changed what forward does
+    if kind in _CHANNEL_NORMS:
+        new = _CHANNEL_NORMS[kind](
+            module.num_features,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+            device="meta",
+            bias=module.bias is not None or not module.affine,
+            preset=preset,
+        )
+        names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    elif kind is nn.LayerNorm:
+        new = modules.LayerNorm(
+            module.normalized_shape,
+            eps=module.eps,
+            elementwise_affine=module.elementwise_affine,
+            bias=module.bias is not None or not module.elementwise_affine,
+            device="meta",
+            preset=preset,
+        )
+        names = ("weight", "bias")
+    else:
+        return module
+    with torch.no_grad():
+        for name in names:  # the same Parameter and buffer objects, not copies
+            setattr(new, name, getattr(module, name))
+    new.train(module.training)
+    if hasattr(module, "qconfig"):
+        new.qconfig = module.qconfig
+    return new
+
+
+def convert_norm_layers(module: nn.Module, preset: str | presets.Preset = "torch") -> nn.Module:
+    """Replace every ``torch.nn`` ``BatchNorm1d/2d/3d``, ``InstanceNorm1d/2d/3d`` and
+    ``LayerNorm`` in ``module`` (recursively) by the normkit layer of the same name.
+
+    :param module: a model, or a single normalization layer.
+    :param preset: the conventions of the new layers; ``"torch"`` (default) keeps every output
+        and ``state_dict`` bit-for-bit what it was.
+    :returns: the converted module: ``module`` itself with its children replaced, or a new
+        layer if ``module`` is itself a normalization layer.
+
+    >>> import torch, normkit_torch
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    >>> model = normkit_torch.convert_norm_layers(model)
+    >>> model[1]
+    BatchNorm2d(8, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)
+    >>> type(model[1]).__module__
+    'normkit_torch.modules'
+    """
+    presets.get_preset(preset)  # fail early on an unknown name
+    result = _converted(module, preset)
+    for name, child in module.named_children():
+        result.add_module(name, convert_norm_layers(child, preset))
+    return result

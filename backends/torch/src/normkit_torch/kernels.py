@@ -1,0 +1,233 @@
+r"""The PyTorch kernels: ATen's own normalization ops, with the spec's choices computed around them.
+
+Each kernel implements one hook of :mod:`normkit.hookspecs` on ``torch.Tensor`` inputs, on any
+device, and is differentiable with respect to ``x``, ``weight`` and ``bias``.
+
+* **Batch norm** is ``torch.batch_norm`` (what ``F.batch_norm`` and ``torch.nn.BatchNorm2d``
+  call), with the channel axis moved to dimension 1 as a view. ATen updates running statistics
+  in place, so the kernel hands it copies and returns them: the caller's tensors are never
+  written. ATen stores the unbiased batch variance; for the biased estimator the kernel asks
+  ATen for the batch statistics themselves (``momentum=1`` into zeroed buffers), rescales the
+  variance by :math:`(n-1)/n` and applies :math:`r \leftarrow (1-m)\,r + m\,b` itself, in
+  float64 over ``C`` values. Either way the input is read by ATen's kernel only.
+* **Instance norm** is ``torch.instance_norm`` with the same treatment of its statistics;
+  with running statistics (``use_input_stats=False``) it is batch norm in eval.
+* **Layer norm** is ``F.layer_norm`` over the trailing axes; other axes are moved to the end as
+  a view first and back afterwards.
+
+ATen computes float16/bfloat16 input in float32 and accepts float32 parameters beside it; the
+kernels cast parameters to the compute dtype (float64 for float64 input, float32 otherwise)
+when they differ, and cast updated running statistics back to the dtype they came in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["batch_norm", "compute_dtype", "instance_norm", "layer_norm"]
+
+Tensor = torch.Tensor
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 for float64 input, float32 for everything else (the spec's precision rule)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _parameters(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, channels: int, stats: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """γ and β in the compute dtype. Beside float16/bfloat16 input ATen computes the statistics
+    in float32 only when some parameter is float32 (its "mixed type" path); without one it keeps
+    the batch mean in the input's dtype and loses about 1 % on a channel with mean 3 and std 0.05.
+    So when no float32 tensor would reach ATen, β = 0 is passed in float32 (an exact no-op)."""
+    cdt = compute_dtype(x)
+    weight, bias = _as(weight, cdt), _as(bias, cdt)
+    if x.dtype != cdt and weight is None and bias is None and not stats:
+        bias = torch.zeros(channels, dtype=cdt, device=x.device)
+    return weight, bias
+
+
+def _cudnn() -> bool:
+    return torch.backends.cudnn.enabled
+
+
+def _channels_at_1(x: Tensor, axis: int) -> tuple[Tensor, tuple[int, ...] | None]:
+    """A view of ``x`` with its channel axis at dimension 1, and how to undo it.
+
+    Channels-last input of any rank becomes the 2-D view ``(-1, C)`` when that is a view (ATen
+    treats ``(N, C)`` as a plain per-column reduction); otherwise the channel axis is moved.
+    :returns: ``(view, original_shape)``; ``original_shape`` is ``None`` for a moved axis.
+    """
+    if axis == 1:
+        return x, None
+    if axis == x.dim() - 1 and x.is_contiguous():
+        return x.view(-1, x.shape[-1]), tuple(x.shape)
+    return x.movedim(axis, 1), None
+
+
+def _restore(y: Tensor, axis: int, original_shape: tuple[int, ...] | None) -> Tensor:
+    if axis == 1:
+        return y
+    if original_shape is not None:
+        return y.view(original_shape)
+    return y.movedim(1, axis)
+
+
+def _updated(old: Tensor, batch: Tensor, momentum: float) -> Tensor:
+    """``(1 - m) * old + m * batch`` in float64, returned in ``old``'s dtype (``C`` values)."""
+    new = (1.0 - momentum) * old.double() + momentum * batch.double()
+    return new.to(old.dtype)
+
+
+def _biased(unbiased_var: Tensor, n: int) -> Tensor:
+    """The biased variance from ATen's unbiased one (a variance of one value is 0, not 0/0)."""
+    return unbiased_var * ((n - 1) / n) if n > 1 else torch.zeros_like(unbiased_var)
+
+
+def _shift_only(x: Tensor, bias: Tensor | None) -> Tensor:
+    """The output for one value per group (channels at dimension 1): exactly β, or 0."""
+    if bias is None:
+        return torch.zeros_like(x)
+    shape = [1] * x.dim()
+    shape[1] = x.shape[1]
+    return bias.view(shape).expand(x.shape).to(x.dtype).contiguous()
+
+
+def _normalize_and_update(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    unbiased_running_var: bool,
+    n: int,
+    instances: int = 1,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Normalize ``x`` (channels at dimension 1, ``n`` values per channel) with its batch
+    statistics through ``torch.batch_norm`` and return the new running statistics.
+
+    For instance norm ``x`` is ATen's ``(1, N*C, ...)`` view, the parameters are repeated
+    ``instances = N`` times, and the running statistics take the mean over the instances.
+    """
+    if running_mean is None or running_var is None:
+        y = torch.batch_norm(x, weight, bias, None, None, True, momentum, eps, _cudnn())
+        return (_shift_only(x, bias) if n == 1 else y), None, None
+    cdt = compute_dtype(x)
+    with torch.no_grad():
+        if unbiased_running_var:  # ATen's own update, on copies: bit-for-bit torch.nn
+            mean, var = _as(running_mean, cdt).repeat(instances), _as(running_var, cdt).repeat(instances)
+            step = momentum
+        else:  # momentum 1 into zeros: ATen leaves the (unbiased) batch statistics there
+            mean = torch.zeros(running_mean.numel() * instances, dtype=cdt, device=x.device)
+            var = torch.zeros(running_var.numel() * instances, dtype=cdt, device=x.device)
+            step = 1.0
+    y = torch.batch_norm(x, weight, bias, mean, var, True, step, eps, _cudnn())
+    if n == 1:  # ATen's fused x*a + (b - mean*a) leaves a rounding residue where x - mean is 0
+        y = _shift_only(x, bias)
+    with torch.no_grad():
+        if instances > 1:
+            mean, var = mean.view(instances, -1).mean(0), var.view(instances, -1).mean(0)
+        if unbiased_running_var:
+            return y, _as(mean, running_mean.dtype), _as(var, running_var.dtype)
+        new_mean = _updated(running_mean, mean, momentum)
+        new_var = _updated(running_var, _biased(var, n), momentum)
+    return y, new_mean, new_var
+
+
+def batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+    unbiased_running_var: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The spec's batch norm (:func:`normkit.hookspecs.normkit_batch_norm`) on ATen."""
+    cdt = compute_dtype(x)
+    weight, bias = _parameters(x, weight, bias, x.shape[axis], running_mean is not None)
+    view, original_shape = _channels_at_1(x, axis)
+    if not training:
+        y = torch.batch_norm(
+            view, weight, bias, _as(running_mean, cdt), _as(running_var, cdt), False, 0.0, eps, _cudnn()
+        )
+        return _restore(y, axis, original_shape), running_mean, running_var
+    if x.numel() == 0:  # ATen returns an empty output and leaves the statistics alone
+        y = torch.batch_norm(view, weight, bias, None, None, True, 0.0, eps, _cudnn())
+        return _restore(y, axis, original_shape), running_mean, running_var
+    n = x.numel() // x.shape[axis]
+    y, new_mean, new_var = _normalize_and_update(
+        view, weight, bias, running_mean, running_var, momentum, eps, unbiased_running_var, n
+    )
+    return _restore(y, axis, original_shape), new_mean, new_var
+
+
+def instance_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    use_input_stats: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+    unbiased_running_var: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The spec's instance norm (:func:`normkit.hookspecs.normkit_instance_norm`) on ATen."""
+    if not use_input_stats or x.numel() == 0:
+        return batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, axis, False)
+    weight, bias = _parameters(x, weight, bias, x.shape[axis], running_mean is not None)
+    view = x if axis == 1 else x.movedim(axis, 1)
+    batch, channels = view.shape[0], view.shape[1]
+    flat = view.contiguous().view(1, batch * channels, *view.shape[2:])  # as ATen's instance_norm
+    y, new_mean, new_var = _normalize_and_update(
+        flat,
+        None if weight is None else weight.repeat(batch),
+        None if bias is None else bias.repeat(batch),
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        unbiased_running_var,
+        x.numel() // (batch * channels),
+        instances=batch,
+    )
+    y = y.view(view.shape)
+    return (y if axis == 1 else y.movedim(1, axis)), new_mean, new_var
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    axes: tuple[int, ...],
+    eps: float,
+) -> Tensor:
+    """The spec's layer norm (:func:`normkit.hookspecs.normkit_layer_norm`) on ATen's
+    ``F.layer_norm``; γ and β go in x's dtype, or float32 beside float16/bfloat16 input."""
+    pdt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    if weight is not None and weight.dtype not in (x.dtype, pdt):
+        weight = weight.to(pdt)
+    if bias is not None and bias.dtype not in (x.dtype, pdt):
+        bias = bias.to(pdt)
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        weight, bias = weight.to(pdt), bias.to(pdt)
+    ndim, k = x.dim(), len(axes)
+    trailing = tuple(range(ndim - k, ndim))
+    if tuple(axes) == trailing:
+        return F.layer_norm(x, x.shape[ndim - k :], weight, bias, eps)
+    moved = x.movedim(axes, trailing)
+    y = F.layer_norm(moved, moved.shape[ndim - k :], weight, bias, eps)
+    return y.movedim(trailing, axes)
