@@ -11,8 +11,10 @@ round so that machine noise hits them alike:
   that framework cannot beat its copy (a fused, multithreaded native op can come close to or
   under NumPy's single-threaded copy).
 
-Reported: the median time of each, and the medians of the per-round ratios normkit/native and
-normkit/floor. The spread of the floor's times (interquartile range / median) is reported as
+Reported: the median time of each, the medians of the per-round ratios normkit/native and
+normkit/floor, and the median per-round difference normkit - native in microseconds: on the
+``tiny`` workload (a ``(2, 4)`` batch norm, where the arithmetic costs nothing) that is what
+normkit's dispatch and validation add to each call. The spread of the floor's times (interquartile range / median) is reported as
 the machine's noise. These are measurements, never assertions.
 """
 
@@ -44,6 +46,8 @@ class Workload:
     shape: tuple[int, ...]
     dtype: str = "float32"
     axis: int = 1
+    repeats: int = 1
+    """Calls per timed sample (many for inputs so small that one call is a few microseconds)."""
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -60,6 +64,7 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("bn1d", "batch_norm", (4096, 1024)),
     Workload("ln-768", "layer_norm", (64, 512, 768), axis=-1),
     Workload("in2d", "instance_norm", (16, 64, 64, 64)),
+    Workload("tiny", "batch_norm", (2, 4), repeats=200),
 )
 
 
@@ -78,6 +83,7 @@ class BenchResult:
     floor_ms: float
     ratio_to_native: float | None
     ratio_to_floor: float
+    overhead_us: float | None
     noise: float
     rounds: int
     extra: dict[str, Any] = field(default_factory=dict)
@@ -140,7 +146,10 @@ def _floor(info: Any, x: Any) -> Callable[[], Any]:
     raise NotImplementedError(f"no bandwidth floor for {type(x)}")
 
 
-def _time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+def _time_interleaved(
+    calls: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1
+) -> dict[str, list[float]]:
+    """Per-call milliseconds of each callable, ``rounds`` samples of ``repeats`` calls each."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():  # warm-up: caches, allocators, lazy imports
         call()
@@ -148,13 +157,18 @@ def _time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[
     for _ in range(rounds):
         for name, call in calls.items():
             start = time.perf_counter()
-            call()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(repeats):
+                call()
+            times[name].append((time.perf_counter() - start) * 1e3 / repeats)
     return times
 
 
 def _median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def _median_difference_us(a: list[float], b: list[float]) -> float:
+    return 1e3 * statistics.median(x - y for x, y in zip(a, b, strict=True))
 
 
 def _noise(samples: list[float]) -> float:
@@ -188,7 +202,7 @@ def run_bench(
             calls["native"] = NATIVE[native](workload, mode, x_np)
         else:
             native = None
-        times = _time_interleaved(calls, rounds)
+        times = _time_interleaved(calls, rounds, workload.repeats)
         extra = {}
         if native == "torch":
             import torch
@@ -207,6 +221,7 @@ def run_bench(
                 floor_ms=statistics.median(times["floor"]),
                 ratio_to_native=_median_ratio(times["normkit"], times["native"]) if native else None,
                 ratio_to_floor=_median_ratio(times["normkit"], times["floor"]),
+                overhead_us=_median_difference_us(times["normkit"], times["native"]) if native else None,
                 noise=_noise(times["floor"]),
                 rounds=rounds,
                 extra=extra,
@@ -227,6 +242,7 @@ def format_table(results: list[BenchResult], markdown: bool = False) -> str:
         "floor ms",
         "x native",
         "x floor",
+        "+us/call",
         "noise",
     ]
     rows = []
@@ -235,7 +251,8 @@ def format_table(results: list[BenchResult], markdown: bool = False) -> str:
         ratio = f"{r.ratio_to_native:.2f}" if r.ratio_to_native is not None else "n/a"
         rows.append([
             r.workload, "x".join(map(str, r.shape)) + f" {r.dtype}", r.mode, r.backend, f"{r.normkit_ms:.2f}",
-            native, f"{r.floor_ms:.2f}", ratio, f"{r.ratio_to_floor:.2f}", f"{100 * r.noise:.0f}%",
+            native, f"{r.floor_ms:.2f}", ratio, f"{r.ratio_to_floor:.2f}",
+            f"{r.overhead_us:+.1f}" if r.overhead_us is not None else "n/a", f"{100 * r.noise:.0f}%",
         ])  # fmt: skip
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -59,6 +59,7 @@ class _PairCell:
     compared: int = 0
     outside: int = 0
     max_difference: float = 0.0
+    cases: list[str] = field(default_factory=list)
 
     def render(self) -> str:
         if self.compared == 0:
@@ -77,9 +78,11 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
-        """Every backend loaded, ran at least one case, and passed every case it ran."""
+        """Every backend loaded, ran at least one case, passed every case it ran, and agrees
+        with every other backend."""
         return (
-            not self.load_errors
+            self.pairs_agree
+            and not self.load_errors
             and all(any(not r.skipped for r in rs) for rs in self.results.values())
             and all(r.passed or r.skipped for rs in self.results.values() for r in rs)
         )
@@ -97,10 +100,8 @@ class CheckReport:
         rows = [[op, dtype, *[cells[op, dtype, b].render() for b in names]] for op, dtype in self._rows()]
         return _table(header, rows)
 
-    def pairwise_matrix(self) -> str | None:
+    def _pair_cells(self) -> dict[tuple[str, str, tuple[str, str]], _PairCell]:
         names = [b for b in self.backends if b in self.results]
-        if len(names) < 2:
-            return None
         pairs = list(itertools.combinations(names, 2))
         cells = {(op, dtype, pair): _PairCell() for op, dtype in self._rows() for pair in pairs}
         by_case = {b: {r.case.id: r for r in self.results[b]} for b in names}
@@ -117,6 +118,22 @@ class CheckReport:
                     cell.compared += 1
                     cell.outside += int(np.any(~(difference <= oa.bound + ob.bound)))
                     cell.max_difference = max(cell.max_difference, float(np.max(difference)))
+                    if cell.outside and case.id not in cell.cases:
+                        cell.cases.append(case.id)
+        return cells
+
+    @property
+    def pairs_agree(self) -> bool:
+        """Every pair of backends agrees on every output both computed (within the sum of their
+        tolerances)."""
+        return all(cell.outside == 0 for cell in self._pair_cells().values())
+
+    def pairwise_matrix(self) -> str | None:
+        names = [b for b in self.backends if b in self.results]
+        if len(names) < 2:
+            return None
+        pairs = list(itertools.combinations(names, 2))
+        cells = self._pair_cells()
         header = ["op", "dtype", *[f"{a} vs {b}  (max difference)" for a, b in pairs]]
         rows = [
             [op, dtype, *[cells[op, dtype, pair].render() for pair in pairs]] for op, dtype in self._rows()
@@ -130,6 +147,11 @@ class CheckReport:
                 lines.append(f"{b}: no case ran ({results[0].skipped})")
         for results in self.results.values():
             lines += [r.report() for r in results if not r.passed and not r.skipped]
+        for (op, dtype, (a, b)), cell in self._pair_cells().items():
+            if cell.outside:
+                lines.append(
+                    f"{a} and {b} disagree on {op} {dtype} beyond tolerance in: {', '.join(cell.cases)}"
+                )
         return "\n".join(lines)
 
 

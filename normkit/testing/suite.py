@@ -148,13 +148,20 @@ class ConformanceTests:
             shape = (batch, channels, *spatial)
             rng = np.random.default_rng(seed)
             x = rng.normal(0.0, 1.0, size=shape).astype(numpy_dtype(dtype))
-            other = x.copy()
-            other[1:] = rng.normal(3.0, 0.5, size=other[1:].shape)  # moves the batch mean by > 1
+
+            # The rest of the batch far above sample 0, then far below it: its normalized value
+            # is clearly negative in one batch and positive in the other, so a correct backend's
+            # y[0] cannot equal both (one shifted batch alone can coincide with the original).
+            def first_sample(rest_loc: float) -> np.ndarray:
+                batch_x = x.copy()
+                batch_x[1:] = rng.normal(rest_loc, 0.5, size=batch_x[1:].shape)
+                layer = normkit.BatchNorm(backend=self.backend)
+                return info.to_numpy(layer(self._asarray(batch_x, dtype, pytestconfig)))[:1].astype(
+                    np.float64
+                )
+
             y = info.to_numpy(normkit.BatchNorm(backend=self.backend)(self._asarray(x, dtype, pytestconfig)))
-            y_other = info.to_numpy(
-                normkit.BatchNorm(backend=self.backend)(self._asarray(other, dtype, pytestconfig))
-            )
-            difference = np.abs(y[:1].astype(np.float64) - y_other[:1].astype(np.float64)).max()
+            difference = max(float(np.abs(y[:1] - first_sample(loc)).max()) for loc in (10.0, -10.0))
             assert difference > 1e3 * output_tolerance(dtype).atol, (
                 "training output of sample 0 ignored the rest of its batch"
             )

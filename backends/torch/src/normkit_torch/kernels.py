@@ -8,8 +8,8 @@ device, and is differentiable with respect to ``x``, ``weight`` and ``bias``.
   in place, so the kernel hands it copies and returns them: the caller's tensors are never
   written. ATen stores the unbiased batch variance; for the biased estimator the kernel asks
   ATen for the batch statistics themselves (``momentum=1`` into zeroed buffers), rescales the
-  variance by :math:`(n-1)/n` and applies :math:`r \leftarrow (1-m)\,r + m\,b` itself, in
-  float64 over ``C`` values. Either way the input is read by ATen's kernel only.
+  variance by :math:`(n-1)/n` and applies :math:`r \leftarrow (1-m)\,r + m\,b` itself (``C``
+  values, in the compute dtype). Either way the input is read by ATen's kernel only.
 * **Instance norm** is ``torch.instance_norm`` with the same treatment of its statistics;
   with running statistics (``use_input_stats=False``) it is batch norm in eval.
 * **Layer norm** is ``F.layer_norm`` over the trailing axes; other axes are moved to the end as
@@ -79,10 +79,16 @@ def _restore(y: Tensor, axis: int, original_shape: tuple[int, ...] | None) -> Te
     return y.movedim(1, axis)
 
 
+def _copy(t: Tensor, dtype: torch.dtype, times: int) -> Tensor:
+    """A new tensor with ``t``'s values in ``dtype``, repeated ``times`` times (outside autograd)."""
+    t = t.detach()
+    return t.to(dtype, copy=True) if times == 1 else t.to(dtype).repeat(times)
+
+
 def _updated(old: Tensor, batch: Tensor, momentum: float) -> Tensor:
-    """``(1 - m) * old + m * batch`` in float64, returned in ``old``'s dtype (``C`` values)."""
-    new = (1.0 - momentum) * old.double() + momentum * batch.double()
-    return new.to(old.dtype)
+    """``(1 - m) * old + m * batch`` (as ``old + m * (batch - old)``, in ``batch``'s compute
+    dtype), returned in ``old``'s dtype; ``C`` values."""
+    return torch.lerp(old.to(batch.dtype), batch, momentum).to(old.dtype)
 
 
 def _biased(unbiased_var: Tensor, n: int) -> Tensor:
@@ -121,24 +127,21 @@ def _normalize_and_update(
         y = torch.batch_norm(x, weight, bias, None, None, True, momentum, eps, _cudnn())
         return (_shift_only(x, bias) if n == 1 else y), None, None
     cdt = compute_dtype(x)
-    with torch.no_grad():
-        if unbiased_running_var:  # ATen's own update, on copies: bit-for-bit torch.nn
-            mean, var = _as(running_mean, cdt).repeat(instances), _as(running_var, cdt).repeat(instances)
-            step = momentum
-        else:  # momentum 1 into zeros: ATen leaves the (unbiased) batch statistics there
-            mean = torch.zeros(running_mean.numel() * instances, dtype=cdt, device=x.device)
-            var = torch.zeros(running_var.numel() * instances, dtype=cdt, device=x.device)
-            step = 1.0
+    if unbiased_running_var:  # ATen's own update, on copies: bit-for-bit torch.nn
+        mean, var = _copy(running_mean, cdt, instances), _copy(running_var, cdt, instances)
+        step = momentum
+    else:  # momentum 1 into zeros: ATen leaves the (unbiased) batch statistics there
+        mean, var = torch.zeros(2, running_mean.numel() * instances, dtype=cdt, device=x.device)
+        step = 1.0
     y = torch.batch_norm(x, weight, bias, mean, var, True, step, eps, _cudnn())
     if n == 1:  # ATen's fused x*a + (b - mean*a) leaves a rounding residue where x - mean is 0
         y = _shift_only(x, bias)
-    with torch.no_grad():
-        if instances > 1:
-            mean, var = mean.view(instances, -1).mean(0), var.view(instances, -1).mean(0)
-        if unbiased_running_var:
-            return y, _as(mean, running_mean.dtype), _as(var, running_var.dtype)
-        new_mean = _updated(running_mean, mean, momentum)
-        new_var = _updated(running_var, _biased(var, n), momentum)
+    if instances > 1:
+        mean, var = mean.view(instances, -1).mean(0), var.view(instances, -1).mean(0)
+    if unbiased_running_var:
+        return y, _as(mean, running_mean.dtype), _as(var, running_var.dtype)
+    new_mean = _updated(running_mean.detach(), mean, momentum)
+    new_var = _updated(running_var.detach(), _biased(var, n), momentum)
     return y, new_mean, new_var
 
 

@@ -1,0 +1,148 @@
+"""The torch layers under the other presets, checked against the float64 reference; their error
+messages; and that a failed call changes no state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import normkit
+import normkit_torch
+from normkit import reference
+
+
+def as64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+@pytest.mark.parametrize("preset", ["keras", "flax", "onnx"])
+def test_other_presets_follow_the_reference_over_many_steps(preset: str) -> None:
+    p = normkit.get_preset(preset)
+    layer = normkit_torch.BatchNorm2d(3, preset=preset, dtype=torch.float64)
+    assert layer.eps == p.batch_norm_eps and layer.momentum == pytest.approx(p.update_weight)
+    assert not layer.unbiased_running_var and layer.allow_single_value
+    mean, var = np.zeros(3), np.ones(3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        x = torch.randn(5, 3, 4, 4, generator=generator, dtype=torch.float64) * 2 + 7
+        y = layer(x)
+        expected, mean, var = reference.batch_norm(
+            as64(x), None, None, mean, var, training=True, momentum=p.update_weight, eps=p.batch_norm_eps,
+            axis=1, unbiased_running_var=False,
+        )  # fmt: skip
+        np.testing.assert_allclose(as64(y), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(as64(layer.running_mean), mean, rtol=1e-13)
+    np.testing.assert_allclose(as64(layer.running_var), var, rtol=1e-13)
+    x = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64)
+    expected, _, _ = reference.batch_norm(
+        as64(x), None, None, mean, var, training=False, momentum=0.0, eps=p.batch_norm_eps, axis=1,
+        unbiased_running_var=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(as64(layer.eval()(x)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_keras_instance_norm_is_affine_with_biased_running_variance() -> None:
+    layer = normkit_torch.InstanceNorm2d(2, preset="keras", track_running_stats=True, dtype=torch.float64)
+    assert layer.affine and layer.eps == 1e-3
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([2.0, -1.0], dtype=torch.float64))
+        layer.bias.copy_(torch.tensor([0.5, 3.0], dtype=torch.float64))
+    x = torch.randn(4, 2, 3, 5, dtype=torch.float64) * 3 + 1
+    y = layer(x)
+    expected, mean, var = reference.instance_norm(
+        as64(x), as64(layer.weight), as64(layer.bias), np.zeros(2), np.ones(2), use_input_stats=True,
+        momentum=0.01, eps=1e-3, axis=1, unbiased_running_var=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(as64(y), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(as64(layer.running_mean), mean, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(as64(layer.running_var), var, rtol=1e-13)
+
+
+def test_one_value_per_channel_is_an_error_under_torch_and_gives_the_bias_under_keras() -> None:
+    strict = normkit_torch.BatchNorm1d(3)
+    with pytest.raises(
+        ValueError, match=r"Expected more than 1 value per channel when training, got input size"
+    ):
+        strict(torch.randn(1, 3))
+    assert strict.num_batches_tracked.item() == 0  # torch.nn would have counted the failed call
+    assert torch.equal(strict.running_mean, torch.zeros(3))
+
+    lenient = normkit_torch.BatchNorm1d(3, preset="keras")
+    with torch.no_grad():
+        lenient.bias.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    x = torch.tensor([[4.0, 5.0, 6.0]])
+    assert torch.equal(lenient(x), torch.tensor([[1.0, -2.0, 0.5]]))
+    torch.testing.assert_close(lenient.running_mean, 0.01 * x[0])
+    torch.testing.assert_close(lenient.running_var, torch.full((3,), 0.99))  # biased batch variance 0
+
+
+def test_instance_norm_with_one_spatial_value() -> None:
+    with pytest.raises(ValueError, match="Expected more than 1 spatial element"):
+        normkit_torch.InstanceNorm1d(2)(torch.randn(3, 2, 1))
+    y = normkit_torch.InstanceNorm1d(2, preset="keras")(torch.randn(3, 2, 1))
+    assert torch.equal(y, torch.zeros(3, 2, 1))
+
+
+def test_bad_input_names_what_it_got_and_expected_and_changes_nothing() -> None:
+    layer = normkit_torch.BatchNorm2d(3)
+    layer(torch.randn(4, 3, 2, 2))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"input has shape \(4, 5, 2, 2\): expected num_features=3"):
+        layer(torch.randn(4, 5, 2, 2))
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        layer(torch.randn(4, 3, 2))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match=r"input has shape \(2, 5\): expected trailing dimensions"):
+        normkit_torch.LayerNorm(4)(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="eps=-1"):
+        normkit_torch.BatchNorm1d(3, eps=-1)
+    with pytest.raises(ValueError, match=r"momentum=1\.5"):
+        normkit_torch.InstanceNorm1d(3, momentum=1.5)
+    with pytest.raises(ValueError, match="preset='pytorch' is not a known preset"):
+        normkit_torch.LayerNorm(3, preset="pytorch")
+
+
+def test_empty_batch_returns_empty_and_counts_like_torch_nn() -> None:
+    ours, stock = normkit_torch.BatchNorm2d(3), nn.BatchNorm2d(3)
+    y = ours(torch.randn(0, 3, 2, 2))
+    assert y.shape == (0, 3, 2, 2)
+    stock(torch.randn(0, 3, 2, 2))
+    assert ours.num_batches_tracked.item() == stock.num_batches_tracked.item() == 1
+    assert torch.equal(ours.running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers_compute_statistics_in_float32(dtype: torch.dtype) -> None:
+    layer = normkit_torch.BatchNorm2d(2, dtype=dtype)
+    x = (torch.randn(8, 2, 4, 4) * 0.05 + 300).to(dtype)  # float16 values >= 256, tiny spread
+    y = layer(x)
+    assert y.dtype == dtype and layer.running_mean.dtype == dtype
+    expected, _, _ = reference.batch_norm(
+        as64(x),
+        None,
+        None,
+        None,
+        None,
+        training=True,
+        momentum=0.1,
+        eps=1e-5,
+        axis=1,
+        unbiased_running_var=True,
+    )
+    np.testing.assert_allclose(as64(y), expected, atol=3 * float(torch.finfo(dtype).eps) * 4)
+
+
+def test_converting_to_another_preset_keeps_eval_outputs() -> None:
+    torch.manual_seed(6)
+    stock = nn.Sequential(nn.BatchNorm2d(3), nn.LayerNorm(4))
+    for _ in range(3):
+        stock(torch.randn(5, 3, 4, 4) * 2 + 1)
+    converted = normkit_torch.convert_norm_layers(stock, preset="keras")
+    assert converted[0].preset == "keras" and converted[0].eps == 1e-5 and converted[0].momentum == 0.1
+    x = torch.randn(2, 3, 4, 4)
+    stock_copy = nn.Sequential(nn.BatchNorm2d(3), nn.LayerNorm(4))
+    stock_copy.load_state_dict(converted.state_dict())
+    assert torch.equal(converted.eval()(x), stock_copy.eval()(x))

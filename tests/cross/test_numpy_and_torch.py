@@ -1,0 +1,65 @@
+"""NumPy and PyTorch backends against each other on the same inputs, and state moving between them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import normkit
+from normkit.check import run_check
+
+torch = pytest.importorskip("torch")
+normkit_torch = pytest.importorskip(
+    "normkit_torch", reason="normkit-torch is not installed (tox -e cross installs it)"
+)
+
+
+def test_check_passes_on_both_and_every_pair_agrees() -> None:
+    report = run_check(["numpy", "torch"])
+    assert report.passed, report.failures()
+    assert report.pairs_agree
+    assert all(not r.skipped for r in report.results["torch"])  # every dtype ran on torch
+
+
+@pytest.mark.parametrize("preset", ["torch", "keras"])
+def test_the_same_layer_trained_on_either_backend_holds_the_same_state(preset: str) -> None:
+    rng = np.random.default_rng(0)
+    on_numpy = normkit.BatchNorm(preset=preset, axis=1)
+    on_torch = normkit.BatchNorm(preset=preset, axis=1)
+    for _ in range(20):
+        x = rng.normal(3.0, 2.0, size=(8, 4, 5, 5)).astype(np.float32)
+        y_numpy = on_numpy(x)
+        y_torch = on_torch(torch.from_numpy(x))
+        np.testing.assert_allclose(y_torch.numpy(), y_numpy, rtol=1e-5, atol=1e-5)
+    for key in ("running_mean", "running_var"):
+        np.testing.assert_allclose(getattr(on_torch, key).numpy(), getattr(on_numpy, key), rtol=1e-6)
+    assert on_torch.num_batches_tracked == on_numpy.num_batches_tracked == 20
+
+
+def test_torch_module_state_evaluates_identically_in_numpy_and_back() -> None:
+    torch.manual_seed(0)
+    module = normkit_torch.BatchNorm2d(4)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 2.0)
+        module.bias.uniform_(-1.0, 1.0)
+    for _ in range(5):
+        module(torch.randn(8, 4, 3, 3) * 2 + 5)
+    module.eval()
+    state = {k: v.numpy() if v.dim() else int(v) for k, v in module.state_dict().items()}
+    layer = normkit.BatchNorm(preset="torch").eval()
+    layer.load_state_dict(state)
+    x = torch.randn(3, 4, 3, 3) * 2 + 5
+    np.testing.assert_allclose(layer(x.numpy()), module(x).detach().numpy(), rtol=1e-6, atol=1e-6)
+
+    back = normkit_torch.BatchNorm2d(4).eval()
+    back.load_state_dict({k: torch.as_tensor(v) for k, v in layer.state_dict().items() if k != "_metadata"})
+    assert torch.equal(back(x), module(x))
+
+
+def test_layer_norm_over_non_trailing_axes_agrees() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(-2.0, 3.0, size=(4, 5, 6)).astype(np.float32)
+    weight = rng.normal(size=(4, 6)).astype(np.float32)
+    y_numpy = normkit.layer_norm(x, weight=weight, axis=(0, 2))
+    y_torch = normkit.layer_norm(torch.from_numpy(x), weight=torch.from_numpy(weight), axis=(0, 2))
+    np.testing.assert_allclose(y_torch.numpy(), y_numpy, rtol=1e-5, atol=1e-5)
