@@ -18,6 +18,15 @@ exactly the same inputs. For an output ``y`` in storage dtype ``d`` computed in 
   its conditioning allows, while :math:`E[x^2]-E[x]^2`, which is not backward stable, still
   fails by orders of magnitude. ``K = 8``.
 
+Normalization ignores a common shift of its group, so no perturbation of the data models the
+rounding of the mean an algorithm subtracts; yet the spec allows a two-pass algorithm in the
+compute dtype, whose mean is only known to :math:`\epsilon_c|\mu|` (and ATen-style fused
+``x*a + (b - mu*a)`` rounds ``mu*a`` likewise). The runner therefore adds
+:math:`K\,\epsilon_c\,|\mu|\,|\gamma|/\sqrt{\sigma^2+\epsilon}` per element (with the running
+statistics in eval). For a group of two or three values that term dominates; for large groups the
+perturbation term already covers it. :math:`E[x^2]-E[x]^2` loses
+:math:`\epsilon_c\,\mu^2/\sigma^2`, a factor :math:`|\mu|/\sigma` more, and still fails.
+
 Running statistics are stored in float32 (float64 for float64 input), so their epsilon
 :math:`\epsilon_s` equals :math:`\epsilon_c`; each update rounds once:
 
