@@ -1,7 +1,7 @@
 r"""``normkit bench``: each backend's ops against the framework's native op and the memory floor.
 
 For every workload and mode, three things are timed in the same run, interleaved round by
-round so that machine noise hits them alike:
+round (in a shuffled order each round) so that machine noise hits them alike:
 
 * the normkit op on the backend's arrays (:func:`normkit.batch_norm` etc.);
 * the *native* op of the reference framework on the same data (PyTorch's ``F.batch_norm``,
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import statistics
 import sys
 import time
@@ -154,8 +155,11 @@ def _time_interleaved(
     for call in calls.values():  # warm-up: caches, allocators, lazy imports
         call()
         call()
+    order = list(calls.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, call in calls.items():
+        shuffle(order)  # no implementation always runs first (or right after the same one)
+        for name, call in order:
             start = time.perf_counter()
             for _ in range(repeats):
                 call()

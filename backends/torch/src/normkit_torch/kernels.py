@@ -81,8 +81,11 @@ def _restore(y: Tensor, axis: int, original_shape: tuple[int, ...] | None) -> Te
 
 def _copy(t: Tensor, dtype: torch.dtype, times: int) -> Tensor:
     """A new tensor with ``t``'s values in ``dtype``, repeated ``times`` times (outside autograd)."""
-    t = t.detach()
-    return t.to(dtype, copy=True) if times == 1 else t.to(dtype).repeat(times)
+    if t.requires_grad:
+        t = t.detach()
+    if times > 1:
+        return t.to(dtype).repeat(times)
+    return t.clone() if t.dtype == dtype else t.to(dtype)
 
 
 def _updated(old: Tensor, batch: Tensor, momentum: float) -> Tensor:
