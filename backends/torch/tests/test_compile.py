@@ -106,6 +106,18 @@ def _assert_no_graph_breaks(graphs: int = 1) -> None:
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 
 
+def _assert_step_matches(
+    compiled: nn.Module, eager: nn.Module, x: torch.Tensor, g: torch.Tensor, tol: dict | None = None
+) -> None:
+    """One training step of each model on the same batch: equal outputs and parameter gradients."""
+    tol = tol or TOL
+    y, grads = _step(compiled, x, g)
+    y_eager, grads_eager = _step(eager, x, g)
+    torch.testing.assert_close(y, y_eager, **tol)
+    for name, expected in grads_eager.items():
+        torch.testing.assert_close(grads[name], expected, **tol, msg=name)
+
+
 @pytest.mark.parametrize(
     ("preset", "channels_last"),
     [("torch", False), ("keras", False), ("flax", False), ("torch", True)],
@@ -122,11 +134,7 @@ def test_fullgraph_training_matches_eager(preset: str, channels_last: bool) -> N
     for x, g in _batches(seed=2):
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        y, grads = _step(compiled, x, g)
-        y_eager, grads_eager = _step(eager, x, g)
-        torch.testing.assert_close(y, y_eager, **TOL)
-        for name, expected in grads_eager.items():
-            torch.testing.assert_close(grads[name], expected, **TOL, msg=name)
+        _assert_step_matches(compiled, eager, x, g)
     _assert_same_state(model, eager, atol=1e-6)
     assert int(model[1].num_batches_tracked) == 3
     assert not torch.equal(model[4].running_var, torch.ones(8))  # instance norm's statistics moved too
@@ -144,11 +152,7 @@ def test_fullgraph_eval_matches_eager(preset: str) -> None:
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for x, g in _batches(seed=6):
-        y, grads = _step(compiled, x, g)
-        y_eager, grads_eager = _step(eager, x, g)
-        torch.testing.assert_close(y, y_eager, **TOL)
-        for name, expected in grads_eager.items():
-            torch.testing.assert_close(grads[name], expected, **TOL, msg=name)
+        _assert_step_matches(compiled, eager, x, g)
     _assert_same_state(model, eager)  # eval never writes the buffers
     _assert_no_graph_breaks()
 
@@ -199,11 +203,7 @@ def test_fullgraph_dynamic_batch_size(preset: str) -> None:
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
     for x, g in _batches(seed=15, sizes=(2, 3, 5)):
-        y, grads = _step(compiled, x, g)
-        y_eager, grads_eager = _step(eager, x, g)
-        torch.testing.assert_close(y, y_eager, **TOL)
-        for name, expected in grads_eager.items():
-            torch.testing.assert_close(grads[name], expected, **TOL, msg=name)
+        _assert_step_matches(compiled, eager, x, g)
     _assert_same_state(model, eager, atol=1e-6)
     _assert_no_graph_breaks()
 
@@ -246,11 +246,7 @@ def test_cumulative_momentum_compiles_with_graph_breaks() -> None:
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend="aot_eager")
     for x, g in _batches(seed=20, sizes=(3,) * 10):
-        y, grads = _step(compiled, x, g)
-        y_eager, grads_eager = _step(eager, x, g)
-        torch.testing.assert_close(y, y_eager, **TOL)
-        for name, expected in grads_eager.items():
-            torch.testing.assert_close(grads[name], expected, **TOL, msg=name)
+        _assert_step_matches(compiled, eager, x, g)
         _assert_same_state(model, eager, atol=1e-6)
     assert int(model[1].num_batches_tracked) == 10
     assert sum(counters["graph_break"].values()) > 0  # the break this test documents

@@ -312,43 +312,18 @@ def test_gradients_match_finite_differences_of_reference(
     rv = rng.uniform(0.5, 2.0, size=pshape)
     rm_t, rv_t = torch.tensor(rm), torch.tensor(rv)
 
-    if op == "batch_norm":
+    if op in ("batch_norm", "instance_norm"):
+        reference_op, kernel = getattr(reference, op), getattr(kernels, op)
+        flag = "training" if op == "batch_norm" else "use_input_stats"
 
         def ref(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-            return reference.batch_norm(
-                x,
-                w,
-                b,
-                rm,
-                rv,
-                training=mode,
-                momentum=momentum,
-                eps=EPS,
-                axis=axis,
+            return reference_op(
+                x, w, b, rm, rv, **{flag: mode}, momentum=momentum, eps=EPS, axis=axis,
                 unbiased_running_var=unbiased,
-            )[0]
+            )[0]  # fmt: skip
 
         def ours(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return kernels.batch_norm(x, w, b, rm_t, rv_t, mode, momentum, EPS, axis, unbiased)[0]
-
-    elif op == "instance_norm":
-
-        def ref(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-            return reference.instance_norm(
-                x,
-                w,
-                b,
-                rm,
-                rv,
-                use_input_stats=mode,
-                momentum=momentum,
-                eps=EPS,
-                axis=axis,
-                unbiased_running_var=unbiased,
-            )[0]
-
-        def ours(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return kernels.instance_norm(x, w, b, rm_t, rv_t, mode, momentum, EPS, axis, unbiased)[0]
+            return kernel(x, w, b, rm_t, rv_t, mode, momentum, EPS, axis, unbiased)[0]
 
     else:
 

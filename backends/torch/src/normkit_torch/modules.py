@@ -74,6 +74,12 @@ class _PresetOptions:
         self.unbiased_running_var = preset.running_var_estimator == "unbiased"
         self.allow_single_value = preset.allow_single_value
 
+    def _store_running_stats(self, mean: Tensor, var: Tensor) -> None:
+        """Copy the kernel's new running statistics into the buffers (in place, as torch.nn)."""
+        with torch.no_grad():
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
+
     def _check_values_per_group(self, input: Tensor, n: int, updating: bool, message: str) -> None:
         if n == 1 and not self.allow_single_value:
             raise ValueError(message)
@@ -153,9 +159,7 @@ class _NormkitBatchNorm(_PresetOptions, _BatchNorm):
             self.unbiased_running_var,
         )
         if updating:
-            with torch.no_grad():
-                self.running_mean.copy_(new_mean)
-                self.running_var.copy_(new_var)
+            self._store_running_stats(new_mean, new_var)
         if counting:
             self.num_batches_tracked.add_(1)
         return y
@@ -237,9 +241,7 @@ class _NormkitInstanceNorm(_PresetOptions, _InstanceNorm):
             self.unbiased_running_var,
         )
         if updating:
-            with torch.no_grad():
-                self.running_mean.copy_(new_mean)
-                self.running_var.copy_(new_var)
+            self._store_running_stats(new_mean, new_var)
         return y
 
 
