@@ -109,12 +109,13 @@ def _normkit_call(
     )  # fmt: skip
 
 
-def _torch_native(workload: Workload, mode: str, x: np.ndarray) -> Callable[[], Any]:
-    """PyTorch's own op on the CPU, on the same data (channels-last as a memory format)."""
+def _torch_native(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
+    """PyTorch's own op on the same data (channels-last as a memory format): on the very tensor
+    the torch backend is given, or on a NumPy input's memory (for the other backends)."""
     import torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(x)
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
     if workload.op != "layer_norm" and workload.axis != 1:
         t = t.movedim(workload.axis, 1)  # logical NCHW view of channels-last memory
     size = workload.shape[-1] if workload.op == "layer_norm" else workload.channels
@@ -128,8 +129,9 @@ def _torch_native(workload: Workload, mode: str, x: np.ndarray) -> Callable[[], 
     return lambda: F.instance_norm(t, mean, var, weight, bias, training, 0.1, 1e-5)
 
 
-NATIVE: dict[str, Callable[[Workload, str, np.ndarray], Callable[[], Any]]] = {"torch": _torch_native}
-"""Native ops by framework: build a no-argument callable from a NumPy input."""
+NATIVE: dict[str, Callable[[Workload, str, Any], Callable[[], Any]]] = {"torch": _torch_native}
+"""Native ops by framework: build a no-argument callable from the backend's own input (when
+the framework is the backend's) or a NumPy copy of it."""
 
 NATIVE_FOR_BACKEND = {"numpy": "torch"}
 """The framework whose op a backend is compared with (default: the backend's own name)."""
@@ -203,7 +205,7 @@ def run_bench(
         calls = {"normkit": _normkit_call(workload, mode, backend, x, params), "floor": _floor(info, x)}
         native = NATIVE_FOR_BACKEND.get(backend, backend)
         if native in NATIVE and importlib.util.find_spec(native) is not None:
-            calls["native"] = NATIVE[native](workload, mode, x_np)
+            calls["native"] = NATIVE[native](workload, mode, x if native == backend else x_np)
         else:
             native = None
         times = _time_interleaved(calls, rounds, workload.repeats)

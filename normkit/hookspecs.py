@@ -64,7 +64,9 @@ The semantics that are explicit choices
    an error under the torch preset and allowed otherwise (then :math:`\sigma^2 = 0` and
    :math:`y = \beta`); an unbiased running-variance update needs ``n >= 2``. An empty input
    returns an empty output of the same shape and dtype and leaves every statistic unchanged.
-   A constant channel normalizes to β. Conformance: ``bn-one-value-per-channel``,
+   A constant channel normalizes to β, up to the rounding of its mean in the compute dtype
+   (:math:`\epsilon_c|\mu\gamma|/\sqrt{\epsilon}`; exactly β where the mean is exact, as with
+   the NumPy backend's float64 accumulation). Conformance: ``bn-one-value-per-channel``,
    ``bn-empty-batch``, ``bn-constant-channel``.
 9. **Variance algorithm.** Two-pass (centre, then sum squares) or Welford/Chan merges, in at
    least the compute dtype. :math:`E[x^2] - E[x]^2` is not allowed: it loses every digit when

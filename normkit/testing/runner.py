@@ -19,7 +19,7 @@ from normkit._registry import load_backend
 from normkit.hookspecs import BackendInfo
 from normkit.testing.cases import Case
 from normkit.testing.tolerances import (
-    CONDITIONING_FACTOR,
+    CENTERING_FACTOR,
     EPS,
     compute_dtype,
     output_tolerance,
@@ -171,8 +171,8 @@ def _centering_gain(
     The spec allows a two-pass algorithm in the compute dtype, whose mean is only known to
     :math:`\epsilon_c|\mu|`, and ATen-style fused ``x*a + (b - mu*a)`` rounds ``mu*a`` likewise. No
     perturbation of the data models that (normalization ignores a common shift), so the bound
-    adds :math:`K\epsilon_c` times this gain. :math:`E[x^2]-E[x]^2` loses
-    :math:`\epsilon_c\,\mu^2/\sigma^2`, far more, and still fails.
+    adds :data:`~normkit.testing.tolerances.CENTERING_FACTOR` times :math:`\epsilon_c` times this
+    gain. :math:`E[x^2]-E[x]^2` loses :math:`\epsilon_c\,\mu^2/\sigma^2`, far more, and still fails.
     """
     if x.size == 0:
         return 0.0
@@ -314,7 +314,7 @@ def _play(case: Case, info: BackendInfo, backend: str, device: str | None, resul
         y_ref = _reference_step(case, o, clean, x64, training)
         y_pert = _reference_step(case, o, perturbed, x64 * (1.0 + eps_c * u), training)
         conditioning = float(np.abs(y_ref - y_pert).max()) if y_ref.size else 0.0
-        bound = tolerance.bound(y_ref, conditioning) + CONDITIONING_FACTOR * eps_c * _centering_gain(
+        bound = tolerance.bound(y_ref, conditioning) + CENTERING_FACTOR * eps_c * _centering_gain(
             case, o, clean, x64, training
         )
         _compare(result, where, _as64(info.to_numpy(y)), y_ref, bound, record=True)

@@ -146,3 +146,48 @@ def test_converting_to_another_preset_keeps_eval_outputs() -> None:
     stock_copy = nn.Sequential(nn.BatchNorm2d(3), nn.LayerNorm(4))
     stock_copy.load_state_dict(converted.state_dict())
     assert torch.equal(converted.eval()(x), stock_copy.eval()(x))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_one_value_per_group_output_is_new_and_differentiable(affine: bool) -> None:
+    layer = normkit_torch.BatchNorm1d(3, preset="keras", affine=affine)
+    if affine:
+        with torch.no_grad():
+            layer.bias.copy_(torch.tensor([1.0, -2.0, 3.0]))
+    x = torch.randn(1, 3, requires_grad=True)
+    y = layer(x)
+    bias_before = None if layer.bias is None else layer.bias.detach().clone()
+    g = torch.tensor([[0.5, -1.0, 2.0]])
+    (y * g).sum().backward()
+    with torch.no_grad():
+        y.add_(100.0)  # the output is the layer's own tensor, not a view of its bias
+    if affine:
+        assert torch.equal(layer.bias, bias_before)
+        assert torch.equal(layer.bias.grad, g[0])  # dy/dβ = 1
+        assert torch.equal(layer.weight.grad, torch.zeros(3))  # x - μ is 0
+    assert torch.equal(x.grad, torch.zeros(1, 3))
+
+
+def test_float64_running_statistics_keep_their_precision_beside_float32_input() -> None:
+    layer = normkit_torch.BatchNorm1d(2, momentum=1e-3)
+    layer.running_mean = torch.tensor([1.0 + 1e-12, -3.0], dtype=torch.float64)
+    layer.running_var = torch.tensor([2.0 + 1e-12, 0.5], dtype=torch.float64)
+    x = torch.randn(16, 2)
+    layer(x)
+    _, mean, var = reference.batch_norm(
+        as64(x), None, None, np.array([1.0 + 1e-12, -3.0]), np.array([2.0 + 1e-12, 0.5]),
+        training=True, momentum=1e-3, eps=1e-5, axis=1, unbiased_running_var=True,
+    )  # fmt: skip
+    assert layer.running_mean.dtype == torch.float64
+    # the batch statistics are float32, weighted by 1e-3: about 1e-10 off; an update in float32
+    # would round the whole value to float32 (about 1e-7 off)
+    np.testing.assert_allclose(as64(layer.running_mean), mean, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(as64(layer.running_var), var, rtol=0, atol=1e-9)
+
+
+def test_constructor_values_print_as_given_and_eps_zero_is_accepted_as_in_torch_nn() -> None:
+    assert repr(normkit_torch.BatchNorm2d(3, momentum=1)) == repr(nn.BatchNorm2d(3, momentum=1))
+    ours, stock = normkit_torch.LayerNorm(4, eps=0), nn.LayerNorm(4, eps=0)
+    assert repr(ours) == repr(stock)
+    x = torch.randn(2, 4)
+    assert torch.equal(ours(x), stock(x))

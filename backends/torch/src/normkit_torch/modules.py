@@ -3,7 +3,11 @@ r"""Drop-in ``torch.nn`` normalization layers that run normkit's kernels.
 ``normkit_torch.BatchNorm2d`` is a ``torch.nn.BatchNorm2d``: the same constructor arguments,
 attributes, ``extra_repr``, parameters, buffers, ``state_dict`` keys (``num_batches_tracked``
 included) and ``load_state_dict`` behaviour, and, under the default ``preset="torch"``,
-bit-for-bit the same outputs and running statistics. Each class subclasses its ``torch.nn``
+bit-for-bit the same outputs, gradients and running statistics for float32 and float64 layers
+(and for float16/bfloat16 input to a float32 layer, as under autocast). A layer converted to
+float16 or bfloat16 itself (``.half()``) computes its statistics in float32, where ATen's
+half-precision path keeps the batch mean in the half dtype: its outputs are closer to exact
+than ``torch.nn``'s, and so not bit-identical to them. Each class subclasses its ``torch.nn``
 namesake, so code that tests ``isinstance(m, nn.BatchNorm2d)`` (weight-decay exclusions,
 freezing, ``SyncBatchNorm.convert_sync_batchnorm``) keeps working.
 
@@ -24,6 +28,12 @@ batch norm counts an empty batch in ``num_batches_tracked``; instance norm never
 with ``momentum=None`` its running statistics do not move. One deliberate difference: a call
 that fails (say, one value per channel in training) raises before ``num_batches_tracked`` is
 incremented, so a failed call changes no state.
+
+Tools that recognise layers by exact type or trace them symbolically do not know these
+classes: ``torch.fx.symbolic_trace`` (the forward branches on the input's shape),
+``torch.jit.script`` and ``torch.ao.quantization.fuse_modules`` reject them, and
+``SyncBatchNorm.convert_sync_batchnorm`` turns them into plain ``SyncBatchNorm`` (PyTorch's
+conventions: the preset is lost). ``torch.compile`` and ``torch.export`` work.
 """
 
 from __future__ import annotations
@@ -53,7 +63,19 @@ def _torch_momentum(momentum: object, preset: presets.Preset) -> float | None:
         return round(preset.update_weight, 12)  # 0.01 for keras's 0.99, not 0.010000000000000009
     if momentum is None:
         return None
-    return presets.check_momentum(momentum)
+    presets.check_momentum(momentum)
+    return momentum  # as given, so that extra_repr prints it as torch.nn does (``momentum=1``)
+
+
+def _eps(eps: object, default: float) -> float:
+    """``eps`` (default: the preset's): a finite number >= 0. ``torch.nn`` accepts 0, so do the
+    drop-in layers (normkit's own ops require eps > 0); it is returned as given."""
+    if eps is None:
+        return default
+    if eps == 0 and not isinstance(eps, bool):
+        return eps  # type: ignore[return-value]
+    presets.check_eps(eps)
+    return eps  # type: ignore[return-value]
 
 
 def _preset_repr(module: nn.Module, base: str) -> str:
@@ -109,7 +131,7 @@ class _NormkitBatchNorm(_PresetOptions, _BatchNorm):
         p = presets.get_preset(preset)
         super().__init__(
             num_features,
-            presets.check_eps(p.batch_norm_eps if eps is None else eps),
+            _eps(eps, p.batch_norm_eps),
             _torch_momentum(momentum, p),
             affine,
             track_running_stats,
@@ -200,7 +222,7 @@ class _NormkitInstanceNorm(_PresetOptions, _InstanceNorm):
         p = presets.get_preset(preset)
         super().__init__(
             num_features,
-            presets.check_eps(p.instance_norm_eps if eps is None else eps),
+            _eps(eps, p.instance_norm_eps),
             _torch_momentum(momentum, p),
             p.instance_norm_affine if affine is None else affine,
             track_running_stats,
@@ -273,7 +295,7 @@ class LayerNorm(nn.LayerNorm):
         preset: str | presets.Preset = "torch",
     ) -> None:
         p = presets.get_preset(preset)
-        eps = presets.check_eps(p.layer_norm_eps if eps is None else eps)
+        eps = _eps(eps, p.layer_norm_eps)
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
         self.preset = p.name
 
