@@ -134,6 +134,7 @@ def updates_in_place(
 
 BROKEN: dict[str, tuple[Callable[..., object], str]] = {
     "one-pass-variance": (one_pass_variance, "bn-offset-1e4"),
+    "one-pass-variance-small-batch": (one_pass_variance, "bn-offset-100-small-batch"),
     "float16-statistics": (float16_statistics, "bn-float16-large-values"),
     "always-biased": (always_biased, "bn-two-values-per-channel"),
     "flipped-momentum": (flipped_momentum, "bn-ema-20-steps"),

@@ -134,6 +134,16 @@ CASES: tuple[Case, ...] = tuple(
             purpose="mean offset |mean|/std = 1e4 in float32 catches E[x^2]-E[x]^2",
         ),
         _case(
+            "bn-offset-100-small-batch",
+            _BN,
+            (3, 4),
+            loc=100.0,
+            scale=1.0,
+            steps=("train", "train", "eval"),
+            purpose="three values per channel at |mean|/std = 100: E[x^2]-E[x]^2 fails even where "
+            "the allowance for a rounded mean is largest",
+        ),
+        _case(
             "in-offset-1e4",
             _IN,
             (4, 3, 16, 16),

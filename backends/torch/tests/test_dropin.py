@@ -30,9 +30,9 @@ def small_cnn() -> nn.Module:
     )
 
 
-def pair() -> tuple[nn.Module, nn.Module]:
+def pair(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    stock = small_cnn()
+    stock = small_cnn().to(dtype)
     converted = normkit_torch.convert_norm_layers(copy.deepcopy(stock))
     return stock, converted
 
@@ -71,13 +71,14 @@ def test_conversion_shares_parameters_and_buffers() -> None:
     assert not torch.equal(model[1].weight, torch.ones(8))
 
 
-def test_identical_outputs_and_state_dicts_over_ten_sgd_steps_then_eval() -> None:
-    stock, converted = pair()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identical_outputs_and_state_dicts_over_ten_sgd_steps_then_eval(dtype: torch.dtype) -> None:
+    stock, converted = pair(dtype)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (stock, converted)]
     generator = torch.Generator().manual_seed(1)
     for _ in range(10):
-        x = torch.randn(6, 3, 8, 8, generator=generator) * 2 + 1
-        target = torch.randn(6, 5, generator=generator)
+        x = (torch.randn(6, 3, 8, 8, generator=generator) * 2 + 1).to(dtype)
+        target = torch.randn(6, 5, generator=generator).to(dtype)
         outputs = []
         for model, optimizer in zip((stock, converted), optimizers, strict=True):
             optimizer.zero_grad()
@@ -91,7 +92,7 @@ def test_identical_outputs_and_state_dicts_over_ten_sgd_steps_then_eval() -> Non
     for key in stock_state:
         assert_identical(stock_state[key], converted_state[key])
     assert converted_state["1.num_batches_tracked"].item() == 10
-    x = torch.randn(3, 3, 8, 8, generator=generator)
+    x = torch.randn(3, 3, 8, 8, generator=generator).to(dtype)
     assert_identical(stock.eval()(x), converted.eval()(x))
 
 
