@@ -147,8 +147,9 @@ def _normalize_and_update(
     ``instances = N`` times, and the running statistics take the mean over the instances.
     """
     if running_mean is None or running_var is None:
-        y = torch.batch_norm(x, weight, bias, None, None, True, momentum, eps, _cudnn())
-        return (_shift_only(x, weight, bias) if n == 1 else y), None, None
+        if n == 1:
+            return _shift_only(x, weight, bias), None, None
+        return torch.batch_norm(x, weight, bias, None, None, True, momentum, eps, _cudnn()), None, None
     cdt = compute_dtype(x)
     aten_update = unbiased_running_var and running_mean.dtype == cdt and running_var.dtype == cdt
     if aten_update:  # ATen's own update, on copies: bit-for-bit torch.nn
