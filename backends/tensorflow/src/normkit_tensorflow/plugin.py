@@ -1,0 +1,94 @@
+"""The normkit plugin: registered through the ``normkit.backends`` entry point named
+``tensorflow``, loaded by normkit only once ``tensorflow`` has been imported. It describes the
+backend and forwards each hook to :mod:`normkit_tensorflow.kernels`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+import normkit
+from normkit_tensorflow import kernels
+
+__all__ = ["normkit_backend_info", "normkit_batch_norm", "normkit_instance_norm", "normkit_layer_norm"]
+
+DTYPES = {
+    "float16": tf.float16,
+    "bfloat16": tf.bfloat16,
+    "float32": tf.float32,
+    "float64": tf.float64,
+}
+
+
+def _asarray(array: np.ndarray, dtype: str, device: str | None) -> tf.Tensor:
+    """A tensor of the named dtype holding ``array``'s values, rounded once by NumPy (bfloat16
+    through ``ml_dtypes``, as TensorFlow's own bfloat16 is)."""
+    from normkit.numpy_backend import numpy_dtype
+
+    values = np.asarray(array).astype(numpy_dtype(dtype))
+    if device is None:
+        return tf.constant(values)
+    with tf.device(device):
+        return tf.identity(tf.constant(values))
+
+
+def _device(t: tf.Tensor) -> str:
+    """``"cpu"`` or ``"gpu"`` from TensorFlow's device string (``.../device:CPU:0``)."""
+    name = t.device or "/device:CPU:0"
+    return name.rsplit("device:", 1)[-1].split(":")[0].lower()
+
+
+def _full(shape: tuple[int, ...], fill_value: float, dtype: str, like: tf.Tensor) -> tf.Tensor:
+    with tf.device(like.device or None):
+        return tf.fill(shape, tf.constant(fill_value, dtype=DTYPES[dtype]))
+
+
+def _devices() -> tuple[str, ...]:
+    return ("cpu", "gpu") if tf.config.list_logical_devices("GPU") else ("cpu",)
+
+
+_INFO: normkit.BackendInfo | None = None
+
+
+@normkit.hookimpl
+def normkit_backend_info() -> normkit.BackendInfo:
+    global _INFO
+    if _INFO is None:
+        _INFO = normkit.BackendInfo(
+            name="tensorflow",
+            distribution="normkit-tensorflow",
+            array_types=("tensorflow:Tensor", "tensorflow:Variable"),
+            dtypes=tuple(DTYPES),
+            devices=_devices(),
+            asarray=_asarray,
+            to_numpy=lambda t: np.array(t.numpy(), copy=True),
+            dtype_name=lambda t: t.dtype.name,
+            device=_device,
+            shape=lambda t: tuple(t.shape),
+            full=_full,
+        )
+    return _INFO
+
+
+@normkit.hookimpl
+def normkit_batch_norm(
+    x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+):
+    return kernels.batch_norm(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+    )
+
+
+@normkit.hookimpl
+def normkit_instance_norm(
+    x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis, unbiased_running_var
+):
+    return kernels.instance_norm(
+        x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis, unbiased_running_var
+    )
+
+
+@normkit.hookimpl
+def normkit_layer_norm(x, weight, bias, axes, eps):
+    return kernels.layer_norm(x, weight, bias, axes, eps)
