@@ -4,8 +4,16 @@ gradients through ``tf.GradientTape``.
 Installing ``normkit-tensorflow`` is enough for ``normkit.batch_norm(tensor, ...)`` and the
 ``normkit.BatchNorm`` layers to accept ``tf.Tensor`` and ``tf.Variable`` input: normkit finds
 this backend through the ``normkit.backends`` entry point once ``tensorflow`` is imported.
+Import this package for the Keras 3 layers (see :mod:`normkit_tensorflow.layers`):
+
+>>> import keras, normkit_tensorflow
+>>> layer = normkit_tensorflow.BatchNormalization(preset="torch")   # unbiased moving variance
+>>> layer.momentum, layer.epsilon
+(0.9, 1e-05)
 """
+
+from normkit_tensorflow.layers import BatchNormalization, InstanceNormalization, LayerNormalization
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["BatchNormalization", "InstanceNormalization", "LayerNormalization", "__version__"]

@@ -1,0 +1,431 @@
+r"""Keras 3 layers on normkit's TensorFlow kernels.
+
+``normkit_tensorflow.BatchNormalization`` and ``LayerNormalization`` subclass their Keras
+namesakes: the same arguments, defaults, weights (in Keras's order: ``gamma, beta,
+moving_mean, moving_variance``), ``training`` argument and serialization, with normkit's
+kernels underneath (a shifted two-pass in float32 for float16/bfloat16 input; a constant
+channel normalizes to β exactly). ``InstanceNormalization`` is new (Keras has none); it
+follows the same conventions.
+
+``preset=`` chooses the conventions; the default is ``"keras"``:
+
+* the running-variance estimator (``torch``: the unbiased :math:`\frac{n}{n-1}\sigma^2`);
+* whether one value per channel is allowed in training;
+* the default ``momentum`` and ``epsilon`` (``torch``: 0.9 and 1e-5).
+
+``momentum`` is always Keras's convention, the weight of the *old* value,
+:math:`r \leftarrow m\,r + (1-m)\,b`, whatever the preset: ``preset="torch"`` defaults it to
+0.9 (PyTorch's ``momentum=0.1``).
+
+As in Keras, batch statistics are used only when ``training`` is true *and* the layer is
+trainable; a frozen layer (``trainable=False``) normalizes with its moving statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import normkit
+from normkit import presets
+from normkit._registry import backend_for
+from normkit.errors import StateDictError
+from normkit_tensorflow import kernels
+
+__all__ = ["BatchNormalization", "InstanceNormalization", "LayerNormalization"]
+
+PACKAGE = "normkit"
+
+
+def _keras_momentum(momentum: float | None, preset: presets.Preset) -> float:
+    """Keras's momentum (weight of the old value): the preset's default or ``momentum``."""
+    if momentum is None:
+        return round(preset.default_momentum("running"), 12)
+    return presets.check_momentum(momentum)
+
+
+def _unsupported(**options: Any) -> None:
+    for name, value in options.items():
+        if value:
+            raise NotImplementedError(f"{name}={value!r} is not supported by normkit's Keras layers")
+
+
+def _numpy(value: Any) -> np.ndarray:
+    """Any backend's array (or a plain number) as a NumPy array."""
+    if isinstance(value, np.ndarray | int | float):
+        return np.asarray(value)
+    return np.asarray(backend_for(value).info.to_numpy(value))
+
+
+def _metadata(state_dict: Mapping[str, Any], layers: tuple[str, ...]) -> Mapping[str, Any]:
+    metadata = state_dict.get("_metadata") if isinstance(state_dict, Mapping) else None
+    if not isinstance(metadata, Mapping) or metadata.get("layer") not in layers:
+        raise StateDictError(
+            f"state_dict needs normkit's '_metadata' of a {' or '.join(layers)} (eps, momentum, axis); "
+            f"make one with normkit.{layers[0]}(...).load_state_dict(arrays) and .state_dict()"
+        )
+    return metadata
+
+
+class _PresetOptions:
+    """The choices a preset makes that Keras hard-codes, and loading normkit state dicts."""
+
+    _pending_weights: dict[str, np.ndarray] | None = None
+
+    def _assign_pending_weights(self) -> None:
+        """Weights given to ``from_state_dict`` before the layer was built."""
+        if self._pending_weights:
+            for name, value in self._pending_weights.items():
+                getattr(self, name).assign(value)
+        self._pending_weights = None
+
+    def _set_preset(self, p: presets.Preset) -> None:
+        self.preset = p.name
+        self.unbiased_running_var = p.running_var_estimator == "unbiased"
+        self.allow_single_value = p.allow_single_value
+
+    def _check_values_per_group(self, inputs: tf.Tensor, reduced_axes: list[int]) -> None:
+        """One value per group in training: an error unless the preset allows it (checked when
+        the reduced dimensions are known; a traced graph with unknown ones skips it)."""
+        sizes = [inputs.shape[a] for a in reduced_axes]
+        if self.allow_single_value or any(size is None for size in sizes):
+            return
+        n = 1
+        for size in sizes:
+            n *= size
+        if n == 1:
+            raise ValueError(
+                f"inputs has shape {tuple(inputs.shape)}: expected more than 1 value per channel when "
+                f"training (preset={self.preset!r}; preset='keras' allows it)"
+            )
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class BatchNormalization(_PresetOptions, keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` on normkit's kernels, with ``preset=``."""
+
+    def __init__(
+        self,
+        axis: int = -1,
+        momentum: float | None = None,
+        epsilon: float | None = None,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer: Any = "zeros",
+        gamma_initializer: Any = "ones",
+        moving_mean_initializer: Any = "zeros",
+        moving_variance_initializer: Any = "ones",
+        beta_regularizer: Any = None,
+        gamma_regularizer: Any = None,
+        beta_constraint: Any = None,
+        gamma_constraint: Any = None,
+        renorm: bool = False,
+        renorm_clipping: Any = None,
+        renorm_momentum: float = 0.99,
+        synchronized: bool = False,
+        preset: str = "keras",
+        **kwargs: Any,
+    ) -> None:
+        _unsupported(renorm=renorm, synchronized=synchronized)
+        p = presets.get_preset(preset)
+        super().__init__(
+            axis=axis,
+            momentum=_keras_momentum(momentum, p),
+            epsilon=presets.check_eps(p.batch_norm_eps if epsilon is None else epsilon),
+            center=center,
+            scale=scale,
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+            **kwargs,
+        )
+        self._set_preset(p)
+
+    def build(self, input_shape: Any) -> None:
+        super().build(input_shape)
+        self._assign_pending_weights()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The layer's state in normkit's format (NumPy arrays and ``_metadata``): what
+        ``normkit.BatchNorm.from_state_dict``, ``normkit.convert_state_dict`` and the torch
+        layers' ``load_state_dict`` (through ``normkit.BatchNorm``) read. Keras counts no
+        batches, so ``num_batches_tracked`` is 0."""
+        if not self.built:
+            raise RuntimeError("the layer has no weights yet: call it on an input or build it first")
+        if self.scale != self.center:
+            raise ValueError("normkit's state has γ and β together: scale and center must match")
+        layer = normkit.BatchNorm(
+            self.moving_mean.shape[0], eps=self.epsilon, momentum=self.momentum, affine=self.scale,
+            axis=self.axis, momentum_weights="running",
+            running_var_estimator="unbiased" if self.unbiased_running_var else "biased",
+            allow_single_value=self.allow_single_value, preset=self.preset,
+        )  # fmt: skip
+        arrays = {"running_mean": self.moving_mean, "running_var": self.moving_variance}
+        if self.scale:
+            arrays.update(weight=self.gamma, bias=self.beta)
+        layer.load_state_dict(
+            {k: np.array(v.numpy()) for k, v in arrays.items()} | {"num_batches_tracked": 0}
+        )
+        return layer.state_dict()
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: Mapping[str, Any], *, preset: str | None = None, axis: int = -1, **kwargs: Any
+    ) -> BatchNormalization:
+        """A layer holding a normkit batch-norm state (from ``normkit.BatchNorm.state_dict()``,
+        or :meth:`state_dict`), e.g. one trained in PyTorch; its weights are set when it is built.
+
+        ``eps`` is carried over (so eval outputs do not change) and ``momentum`` re-expressed in
+        Keras's convention; ``preset`` (default: the state's own) sets the other conventions for
+        further training (see :func:`normkit.convert_state_dict`). ``axis`` is this layer's
+        channel axis: ``-1`` for channels-last data, whatever layout the state was trained on.
+        """
+        metadata = _metadata(state_dict, ("BatchNorm",))
+        target = presets.get_preset(preset or metadata.get("preset", "keras"))
+        if metadata["momentum"] is None:
+            raise StateDictError("momentum=None (a cumulative average) has no Keras equivalent")
+        weight = presets.batch_weight(metadata["momentum"], metadata["momentum_weights"])
+        affine = bool(metadata.get("affine", True))
+        layer = cls(
+            axis=axis, momentum=round(1.0 - weight, 12), epsilon=metadata["eps"], center=affine,
+            scale=affine, preset=target.name, **kwargs,
+        )  # fmt: skip
+        names = {"moving_mean": "running_mean", "moving_variance": "running_var"}
+        if affine:
+            names.update(gamma="weight", beta="bias")
+        layer._pending_weights = {ours: _numpy(state_dict[theirs]) for ours, theirs in names.items()}
+        return layer
+
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> tf.Tensor:
+        inputs = tf.convert_to_tensor(inputs)
+        axis = self.axis % len(inputs.shape)
+        use_batch_stats = bool(training) and self.trainable
+        if use_batch_stats and mask is not None:
+            raise NotImplementedError("masked batch statistics are not supported by normkit's layer")
+        if use_batch_stats:
+            self._check_values_per_group(inputs, [a for a in range(len(inputs.shape)) if a != axis])
+        y, mean, var = kernels.batch_norm(
+            inputs,
+            self.gamma,
+            self.beta,
+            self.moving_mean,
+            self.moving_variance,
+            use_batch_stats,
+            1.0 - self.momentum,
+            self.epsilon,
+            axis,
+            self.unbiased_running_var,
+        )
+        if use_batch_stats:
+            self.moving_mean.assign(mean)
+            self.moving_variance.assign(var)
+        return tf.cast(y, self.compute_dtype)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "preset": self.preset}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class LayerNormalization(_PresetOptions, keras.layers.LayerNormalization):
+    """``keras.layers.LayerNormalization`` on normkit's kernels, with ``preset=`` (which sets
+    the default ``epsilon``)."""
+
+    def __init__(
+        self,
+        axis: int | list[int] = -1,
+        epsilon: float | None = None,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer: Any = "zeros",
+        gamma_initializer: Any = "ones",
+        beta_regularizer: Any = None,
+        gamma_regularizer: Any = None,
+        beta_constraint: Any = None,
+        gamma_constraint: Any = None,
+        preset: str = "keras",
+        **kwargs: Any,
+    ) -> None:
+        _unsupported(rms_scaling=kwargs.pop("rms_scaling", False))
+        p = presets.get_preset(preset)
+        super().__init__(
+            axis=axis,
+            epsilon=presets.check_eps(p.layer_norm_eps if epsilon is None else epsilon),
+            center=center,
+            scale=scale,
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+            **kwargs,
+        )
+        self._set_preset(p)
+
+    def build(self, input_shape: Any) -> None:
+        super().build(input_shape)
+        self._assign_pending_weights()
+
+    def _axes(self, rank: int) -> tuple[int, ...]:
+        """The normalized axes, non-negative and increasing."""
+        return tuple(sorted(a % rank for a in self.axis))
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: Mapping[str, Any], *, axis: int | list[int] = -1, **kwargs: Any
+    ) -> LayerNormalization:
+        """A layer holding a normkit layer-norm state (``normkit.LayerNorm.state_dict()``), e.g.
+        one trained in PyTorch: ``eps`` is carried over; γ and β are set when it is built."""
+        metadata = _metadata(state_dict, ("LayerNorm",))
+        affine = "weight" in state_dict
+        layer = cls(
+            axis=axis, epsilon=metadata["eps"], scale=affine, center="bias" in state_dict,
+            preset=metadata.get("preset", "keras"), **kwargs,
+        )  # fmt: skip
+        names = {"gamma": "weight", "beta": "bias"}
+        layer._pending_weights = {k: _numpy(state_dict[v]) for k, v in names.items() if v in state_dict}
+        return layer
+
+    def call(self, inputs: Any) -> tf.Tensor:
+        inputs = tf.convert_to_tensor(inputs)
+        axes = self._axes(len(inputs.shape))
+        shape = [inputs.shape[a] for a in axes]
+        # Keras lays γ and β out along its sorted axes as given (-1 before 1) and reshapes them
+        # onto the increasing axes; do the same, so that stock Keras weights mean the same here.
+        gamma = None if self.gamma is None else tf.reshape(self.gamma, shape)
+        beta = None if self.beta is None else tf.reshape(self.beta, shape)
+        y = kernels.layer_norm(inputs, gamma, beta, axes, self.epsilon)
+        return tf.cast(y, self.compute_dtype)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.pop("rms_scaling", None)
+        return {**config, "preset": self.preset}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class InstanceNormalization(_PresetOptions, keras.layers.Layer):
+    """Instance normalization for Keras: each sample's channels normalized over its spatial
+    axes, with per-channel γ and β; optionally moving statistics for inference
+    (``track_running_stats=True``, PyTorch's option), updated like batch norm's.
+
+    :param axis: the channel axis (default -1, channels-last).
+    :param momentum: Keras's convention (weight of the old value); default the preset's.
+    :param epsilon: default the preset's (1e-3 for keras).
+    """
+
+    def __init__(
+        self,
+        axis: int = -1,
+        epsilon: float | None = None,
+        center: bool = True,
+        scale: bool = True,
+        track_running_stats: bool = False,
+        momentum: float | None = None,
+        beta_initializer: Any = "zeros",
+        gamma_initializer: Any = "ones",
+        beta_regularizer: Any = None,
+        gamma_regularizer: Any = None,
+        beta_constraint: Any = None,
+        gamma_constraint: Any = None,
+        preset: str = "keras",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        p = presets.get_preset(preset)
+        self._set_preset(p)
+        self.axis = int(axis)
+        self.epsilon = presets.check_eps(p.instance_norm_eps if epsilon is None else epsilon)
+        self.center, self.scale = center, scale
+        self.track_running_stats = track_running_stats
+        self.momentum = _keras_momentum(momentum, p)
+        self.beta_initializer = keras.initializers.get(beta_initializer)
+        self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+        self.beta_constraint = keras.constraints.get(beta_constraint)
+        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        self.gamma = self.beta = self.moving_mean = self.moving_variance = None
+
+    def build(self, input_shape: Any) -> None:
+        if len(input_shape) < 3:
+            raise ValueError(
+                f"input_shape={tuple(input_shape)}: instance normalization needs (batch, *spatial, "
+                f"channels) with at least one spatial axis"
+            )
+        axis = self.axis % len(input_shape)
+        if axis == 0:
+            raise ValueError("axis=0 is the batch axis; instance normalization needs a channel axis")
+        shape = (input_shape[axis],)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape, name="gamma", initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint, autocast=False,
+            )  # fmt: skip
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape, name="beta", initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer, constraint=self.beta_constraint, autocast=False,
+            )  # fmt: skip
+        if self.track_running_stats:
+            self.moving_mean = self.add_weight(
+                shape=shape, name="moving_mean", initializer="zeros", trainable=False, autocast=False
+            )
+            self.moving_variance = self.add_weight(
+                shape=shape, name="moving_variance", initializer="ones", trainable=False, autocast=False
+            )
+        self.input_spec = keras.layers.InputSpec(ndim=len(input_shape), axes={axis: input_shape[axis]})
+
+    def call(self, inputs: Any, training: bool | None = None) -> tf.Tensor:
+        inputs = tf.convert_to_tensor(inputs)
+        rank = len(inputs.shape)
+        axis = self.axis % rank
+        use_input_stats = (bool(training) and self.trainable) or not self.track_running_stats
+        if use_input_stats:
+            self._check_values_per_group(inputs, [a for a in range(1, rank) if a != axis])
+        y, mean, var = kernels.instance_norm(
+            inputs,
+            self.gamma,
+            self.beta,
+            self.moving_mean,
+            self.moving_variance,
+            use_input_stats,
+            1.0 - self.momentum,
+            self.epsilon,
+            axis,
+            self.unbiased_running_var,
+        )
+        if use_input_stats and self.track_running_stats:
+            self.moving_mean.assign(mean)
+            self.moving_variance.assign(var)
+        return tf.cast(y, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "axis": self.axis,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "track_running_stats": self.track_running_stats,
+            "momentum": self.momentum,
+            "beta_initializer": keras.initializers.serialize(self.beta_initializer),
+            "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
+            "beta_regularizer": keras.regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": keras.regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": keras.constraints.serialize(self.beta_constraint),
+            "gamma_constraint": keras.constraints.serialize(self.gamma_constraint),
+            "preset": self.preset,
+        }
