@@ -4,8 +4,10 @@ For every workload and mode, three things are timed in the same run, interleaved
 round (in a shuffled order each round) so that machine noise hits them alike:
 
 * the normkit op on the backend's arrays (:func:`normkit.batch_norm` etc.);
-* the *native* op of the reference framework on the same data (PyTorch's ``F.batch_norm``,
-  ``F.layer_norm``, ``F.instance_norm``; for the NumPy backend, PyTorch on the CPU);
+* the *native* ops on the same data (:mod:`normkit.bench_baselines`): PyTorch's
+  ``F.batch_norm``, ``F.layer_norm``, ``F.instance_norm`` for the NumPy and PyTorch backends;
+  Keras's layers and ``tf.nn`` for the TensorFlow backend, in ``tf.function`` like the normkit
+  op itself;
 * the *bandwidth floor*: a copy of the input into a preallocated output in the backend's own
   framework. Normalization reads ``x`` and writes ``y`` at least once, so an implementation in
   that framework cannot beat its copy (a fused, multithreaded native op can come close to or
@@ -20,7 +22,6 @@ the machine's noise. These are measurements, never assertions.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import statistics
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 import normkit
+from normkit import bench_baselines as baselines
 from normkit._registry import load_backend
 
 __all__ = ["WORKLOADS", "BenchResult", "Workload", "run_bench"]
@@ -90,63 +92,22 @@ class BenchResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _normkit_call(
-    workload: Workload, mode: str, backend: str, x: Any, params: dict[str, Any]
-) -> Callable[[], Any]:
+def _normkit_op(workload: Workload, mode: str, backend: str, params: dict[str, Any]) -> Callable[[Any], Any]:
+    """The normkit op of the workload as a function of its input."""
     training = mode == "train"
     if workload.op == "layer_norm":
-        return lambda: normkit.layer_norm(
+        return lambda x: normkit.layer_norm(
             x, workload.shape[-1], params["weight"], params["bias"], backend=backend
         )
     if workload.op == "batch_norm":
-        return lambda: normkit.batch_norm(
+        return lambda x: normkit.batch_norm(
             x, params["running_mean"], params["running_var"], params["weight"], params["bias"],
             training=training, axis=workload.axis, backend=backend,
         )  # fmt: skip
-    return lambda: normkit.instance_norm(
+    return lambda x: normkit.instance_norm(
         x, params["running_mean"], params["running_var"], params["weight"], params["bias"],
         use_input_stats=training, axis=workload.axis, backend=backend,
     )  # fmt: skip
-
-
-def _torch_native(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
-    """PyTorch's own op on the same data (channels-last as a memory format): on the very tensor
-    the torch backend is given, or on a NumPy input's memory (for the other backends)."""
-    import torch
-    import torch.nn.functional as F
-
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
-    if workload.op != "layer_norm" and workload.axis != 1:
-        t = t.movedim(workload.axis, 1)  # logical NCHW view of channels-last memory
-    size = workload.shape[-1] if workload.op == "layer_norm" else workload.channels
-    weight, bias = torch.ones(size), torch.zeros(size)
-    if workload.op == "layer_norm":
-        return lambda: F.layer_norm(t, (size,), weight, bias, 1e-5)
-    mean, var = torch.zeros(size), torch.ones(size)
-    training = mode == "train"
-    if workload.op == "batch_norm":
-        return lambda: F.batch_norm(t, mean, var, weight, bias, training, 0.1, 1e-5)
-    return lambda: F.instance_norm(t, mean, var, weight, bias, training, 0.1, 1e-5)
-
-
-NATIVE: dict[str, Callable[[Workload, str, Any], Callable[[], Any]]] = {"torch": _torch_native}
-"""Native ops by framework: build a no-argument callable from the backend's own input (when
-the framework is the backend's) or a NumPy copy of it."""
-
-NATIVE_FOR_BACKEND = {"numpy": "torch"}
-"""The framework whose op a backend is compared with (default: the backend's own name)."""
-
-
-def _floor(info: Any, x: Any) -> Callable[[], Any]:
-    """A copy of ``x`` into a preallocated output, in the backend's framework (for NumPy,
-    ``np.copyto``, on one thread like NumPy itself)."""
-    if isinstance(x, np.ndarray):
-        out = np.empty_like(x)
-        return lambda: np.copyto(out, x)
-    out = x.clone() if hasattr(x, "clone") else None
-    if out is not None and hasattr(out, "copy_"):
-        return lambda: out.copy_(x)
-    raise NotImplementedError(f"no bandwidth floor for {type(x)}")
 
 
 def _time_interleaved(
@@ -202,37 +163,40 @@ def run_bench(
             k: info.asarray(np.full(channels, v, dtype=np.float32), "float32", None)
             for k, v in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0))
         }
-        calls = {"normkit": _normkit_call(workload, mode, backend, x, params), "floor": _floor(info, x)}
-        native = NATIVE_FOR_BACKEND.get(backend, backend)
-        if native in NATIVE and importlib.util.find_spec(native) is not None:
-            calls["native"] = NATIVE[native](workload, mode, x if native == backend else x_np)
-        else:
-            native = None
+        framework = baselines.framework_of(backend)
+        op = baselines.compiled(framework, _normkit_op(workload, mode, backend, params))
+        calls = {"normkit": lambda op=op, x=x: op(x), "floor": baselines.floor(framework, x)}
+        natives = baselines.natives_for(backend)
+        for name, build in natives.items():
+            calls[name] = build(workload, mode, x if baselines.framework_of(name) == framework else x_np)
         times = _time_interleaved(calls, rounds, workload.repeats)
-        extra = {}
-        if native == "torch":
-            import torch
-
-            extra["torch_threads"] = torch.get_num_threads()
-        results.append(
-            BenchResult(
-                workload=workload.name,
-                shape=workload.shape,
-                dtype=workload.dtype,
-                mode=mode,
-                backend=backend,
-                native=native,
-                normkit_ms=statistics.median(times["normkit"]),
-                native_ms=statistics.median(times["native"]) if native else None,
-                floor_ms=statistics.median(times["floor"]),
-                ratio_to_native=_median_ratio(times["normkit"], times["native"]) if native else None,
-                ratio_to_floor=_median_ratio(times["normkit"], times["floor"]),
-                overhead_us=_median_difference_us(times["normkit"], times["native"]) if native else None,
-                noise=_noise(times["floor"]),
-                rounds=rounds,
-                extra=extra,
+        common = {
+            "workload": workload.name,
+            "shape": workload.shape,
+            "dtype": workload.dtype,
+            "mode": mode,
+            "backend": backend,
+            "normkit_ms": statistics.median(times["normkit"]),
+            "floor_ms": statistics.median(times["floor"]),
+            "ratio_to_floor": _median_ratio(times["normkit"], times["floor"]),
+            "noise": _noise(times["floor"]),
+            "rounds": rounds,
+            "extra": baselines.settings(framework),
+        }
+        if not natives:
+            results.append(
+                BenchResult(native=None, native_ms=None, ratio_to_native=None, overhead_us=None, **common)
             )
-        )
+        for name in natives:
+            results.append(
+                BenchResult(
+                    native=name,
+                    native_ms=statistics.median(times[name]),
+                    ratio_to_native=_median_ratio(times["normkit"], times[name]),
+                    overhead_us=_median_difference_us(times["normkit"], times[name]),
+                    **common,
+                )
+            )
     return results
 
 

@@ -3,18 +3,19 @@ r"""The TensorFlow kernels: plain TF ops that run eagerly, in ``tf.function`` an
 Each kernel implements one hook of :mod:`normkit.hookspecs` on ``tf.Tensor``/``tf.Variable``
 input and is differentiable (``tf.GradientTape``) with respect to ``x``, ``weight`` and ``bias``.
 
-Statistics are a *shifted two-pass*: each group is first shifted by one of its own values
-``s`` (the first), then
+Statistics are the two-pass of ``tf.nn.moments``, in the compute dtype, and the output is the
+fused form of ``tf.nn.batch_normalization`` (what Keras's layers compute):
 
 .. math::
 
-   d = x - s, \qquad \bar d = \frac1n\sum d, \qquad \sigma^2 = \frac1n\sum (d - \bar d)^2,
-   \qquad y = d\,a + (\beta - \bar d\,a), \quad a = \gamma/\sqrt{\sigma^2+\epsilon} .
+   \mu = \frac1n\sum x, \qquad \sigma^2 = \frac1n\sum (x - \mu)^2, \qquad
+   y = x\,a + (\beta - \mu\,a), \quad a = \gamma/\sqrt{\sigma^2+\epsilon} .
 
-The shift leaves the result unchanged in exact arithmetic and keeps every sum small in
-floating point: the mean that is subtracted is off by :math:`\epsilon|\bar d| \approx
-\epsilon\sigma` instead of :math:`\epsilon|\mu|`, and a constant channel (or a group of one
-value) has ``d = 0`` exactly, so it normalizes to β exactly. ``tf.nn.fused_batch_norm`` is not
+The mean is therefore known to about :math:`\epsilon|\mu|`, which the spec allows (rule 8: a
+constant channel gives β up to that rounding). A group of one value, when its size is known
+while tracing, is shifted by itself first (:math:`x - x = 0`), so it gives β exactly. (A shift
+for every group, which makes constant channels exact, measured 12 % slower than Keras's layer
+in ``tf.function``; the fused form runs at Keras's speed.) ``tf.nn.fused_batch_norm`` is not
 used: it clamps eps to at least 1.001e-5 and returns the Bessel-corrected variance.
 float16 and bfloat16 input is cast to float32 first (``tf.nn.moments`` would keep bfloat16);
 float64 stays float64. Running statistics are returned, never assigned.
@@ -53,12 +54,15 @@ def _broadcast(param: Tensor | None, rank: int, axes: list[int], dtype: tf.DType
     return tf.reshape(param, shape)
 
 
-def _moments(xc: Tensor, axes: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(d, shift, mean_d, var)`` of the shifted two-pass, kept-dims over ``axes``: the group
-    mean is ``shift + mean_d``."""
-    first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(len(xc.shape)))
-    shift = tf.stop_gradient(xc[first])
-    d = xc - shift
+def _moments(xc: Tensor, axes: list[int]) -> tuple[Tensor, Tensor | float, Tensor, Tensor]:
+    """``(d, shift, mean_d, var)``, kept-dims over ``axes``: the group mean is ``shift + mean_d``
+    and ``d = xc - shift``. ``shift`` is 0 unless every group is known to hold one value; then it
+    is that value, ``d`` is exactly 0, and so are ``mean_d`` and ``var``."""
+    if all(xc.shape[a] == 1 for a in axes):
+        shift = tf.stop_gradient(xc)
+        d = xc - shift
+    else:
+        shift, d = 0.0, xc
     mean_d = tf.reduce_mean(d, axis=axes, keepdims=True)
     var = tf.reduce_mean(tf.math.squared_difference(d, tf.stop_gradient(mean_d)), axis=axes, keepdims=True)
     return d, shift, mean_d, var
@@ -67,7 +71,8 @@ def _moments(xc: Tensor, axes: list[int]) -> tuple[Tensor, Tensor, Tensor, Tenso
 def _normalize_centered(
     d: Tensor, mean_d: Tensor, var: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
 ) -> Tensor:
-    """``(d - mean_d) * a + beta`` as ``d*a + (beta - mean_d*a)`` with ``a = gamma/sqrt(var+eps)``."""
+    """``(d - mean_d) * a + beta``, computed as ``d*a + (beta - mean_d*a)`` with
+    ``a = gamma/sqrt(var+eps)``."""
     a = tf.math.rsqrt(var + tf.constant(eps, dtype=var.dtype))
     if gamma is not None:
         a = a * gamma

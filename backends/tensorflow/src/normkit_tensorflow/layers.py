@@ -3,9 +3,8 @@ r"""Keras 3 layers on normkit's TensorFlow kernels.
 ``normkit_tensorflow.BatchNormalization`` and ``LayerNormalization`` subclass their Keras
 namesakes: the same arguments, defaults, weights (in Keras's order: ``gamma, beta,
 moving_mean, moving_variance``), ``training`` argument and serialization, with normkit's
-kernels underneath (a shifted two-pass in float32 for float16/bfloat16 input; a constant
-channel normalizes to β exactly). ``InstanceNormalization`` is new (Keras has none); it
-follows the same conventions.
+kernels underneath (statistics in float32 for float16/bfloat16 input).
+``InstanceNormalization`` is new (Keras has none); it follows the same conventions.
 
 ``preset=`` chooses the conventions; the default is ``"keras"``:
 

@@ -1,0 +1,168 @@
+"""What ``normkit bench`` measures each backend against: the frameworks' own ops (the
+*natives*), the bandwidth floor in each framework, and how a framework runs a function at its
+best (TensorFlow: inside ``tf.function``). Frameworks are imported only when a backend that
+needs them is benchmarked.
+
+=============  ============================================  ==========================================
+backend        natives (same data, same layout)              floor
+=============  ============================================  ==========================================
+numpy          ``torch``: PyTorch's ``F.*_norm`` on the CPU  ``np.copyto`` into a preallocated array
+torch          ``torch``: the ATen call, on the same tensor  ``Tensor.copy_`` into a preallocated tensor
+tensorflow     ``keras``: ``keras.layers.*Normalization``;   ``tf.raw_ops.DeepCopy`` (allocates, as
+               ``tf.nn``: ``tf.nn.moments`` and              every TF op does)
+               ``tf.nn.batch_normalization``; all in
+               ``tf.function``
+=============  ============================================  ==========================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from normkit.bench import Workload
+
+__all__ = ["compiled", "floor", "framework_of", "natives_for", "settings"]
+
+Builder = Callable[["Workload", str, Any], Callable[[], Any]]
+
+
+def framework_of(name: str) -> str:
+    """The framework a backend or a native belongs to (``keras`` and ``tf.nn`` are TensorFlow's)."""
+    return {"keras": "tensorflow", "tf.nn": "tensorflow"}.get(name, name)
+
+
+def _torch(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
+    """PyTorch's own op (channels-last as a memory format), on the torch backend's very tensor
+    or on a NumPy input's memory."""
+    import torch
+    import torch.nn.functional as F
+
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
+    if workload.op != "layer_norm" and workload.axis != 1:
+        t = t.movedim(workload.axis, 1)  # logical NCHW view of channels-last memory
+    size = workload.shape[-1] if workload.op == "layer_norm" else workload.channels
+    weight, bias = torch.ones(size), torch.zeros(size)
+    if workload.op == "layer_norm":
+        return lambda: F.layer_norm(t, (size,), weight, bias, 1e-5)
+    mean, var = torch.zeros(size), torch.ones(size)
+    training = mode == "train"
+    if workload.op == "batch_norm":
+        return lambda: F.batch_norm(t, mean, var, weight, bias, training, 0.1, 1e-5)
+    return lambda: F.instance_norm(t, mean, var, weight, bias, training, 0.1, 1e-5)
+
+
+def _keras(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
+    """Keras's own layer, called in ``tf.function`` (instance norm: ``GroupNormalization`` with
+    one group per channel)."""
+    import keras
+    import tensorflow as tf
+
+    axis = workload.axis % len(workload.shape)
+    if workload.op == "layer_norm":
+        layer = keras.layers.LayerNormalization(axis=-1, epsilon=1e-5)
+    elif workload.op == "batch_norm":
+        layer = keras.layers.BatchNormalization(axis=axis, epsilon=1e-5)
+    else:
+        layer = keras.layers.GroupNormalization(groups=-1, axis=axis, epsilon=1e-5)
+    training = mode == "train"
+    call = tf.function(lambda t: layer(t, training=training))
+    return lambda: call(x)
+
+
+def _tf_nn(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
+    """``tf.nn.moments`` and ``tf.nn.batch_normalization`` in ``tf.function``."""
+    import tensorflow as tf
+
+    rank = len(workload.shape)
+    axis = workload.axis % rank
+    if workload.op == "layer_norm":
+        axes = [rank - 1]
+    elif workload.op == "batch_norm":
+        axes = [a for a in range(rank) if a != axis]
+    else:
+        axes = [a for a in range(1, rank) if a != axis]
+    size = workload.shape[-1] if workload.op == "layer_norm" else workload.channels
+    shape = [1] * rank
+    shape[-1 if workload.op == "layer_norm" else axis] = size
+    gamma, beta = tf.ones(shape), tf.zeros(shape)
+    moving_mean, moving_var = tf.zeros(shape), tf.ones(shape)
+    use_batch = mode == "train" or workload.op == "layer_norm"
+
+    @tf.function
+    def call(t: Any) -> Any:
+        if use_batch:
+            mean, var = tf.nn.moments(t, axes=axes, keepdims=True)
+        else:
+            mean, var = moving_mean, moving_var
+        return tf.nn.batch_normalization(t, mean, var, beta, gamma, 1e-5)
+
+    return lambda: call(x)
+
+
+_NATIVES: dict[str, dict[str, Builder]] = {
+    "numpy": {"torch": _torch},
+    "torch": {"torch": _torch},
+    "tensorflow": {"keras": _keras, "tf.nn": _tf_nn},
+}
+
+
+def natives_for(backend: str) -> dict[str, Builder]:
+    """The natives a backend is compared with, among those whose framework is installed."""
+    import importlib.util
+
+    return {
+        name: build
+        for name, build in _NATIVES.get(backend, {}).items()
+        if importlib.util.find_spec(framework_of(name)) is not None
+    }
+
+
+def compiled(framework: str, function: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``function`` as the framework runs it at its best: TensorFlow traces it into a graph
+    (normkit's validation runs once, while tracing); the others call it as it is."""
+    if framework == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(function)
+    return function
+
+
+def floor(framework: str, x: Any) -> Callable[[], Any]:
+    """A copy of ``x`` in the backend's framework: reading and writing it once is what any
+    normalization must at least do."""
+    if isinstance(x, np.ndarray):
+        out = np.empty_like(x)
+        return lambda: np.copyto(out, x)
+    if framework == "tensorflow":
+        import tensorflow as tf
+
+        copy = tf.function(lambda t: tf.raw_ops.DeepCopy(x=t))
+        return lambda: copy(x)
+    if hasattr(x, "clone"):
+        out = x.clone()
+        return lambda: out.copy_(x)
+    raise NotImplementedError(f"no bandwidth floor for {type(x)}")
+
+
+def settings(framework: str) -> dict[str, Any]:
+    """Threading settings that shape the figures, recorded with them."""
+    if framework in ("torch", "numpy"):
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return {}
+        import torch
+
+        return {"torch_threads": torch.get_num_threads()}
+    if framework == "tensorflow":
+        import tensorflow as tf
+
+        return {
+            "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        }
+    return {}
