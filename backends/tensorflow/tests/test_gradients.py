@@ -102,3 +102,53 @@ def test_gradients_flow_to_variables_and_from_half_precision_input() -> None:
     assert y.dtype == tf.float16 and grads[0].dtype == tf.float16
     # d loss / d beta_c = sum over the batch of the upstream weight: 6 * (1, 2, 3)
     np.testing.assert_allclose(grads[2].numpy(), [6.0, 12.0, 18.0], rtol=1e-6)
+
+
+def _analytic_gradients(x, w, g, axes, eps, batch_stats, rm=None, rv=None):
+    """The textbook gradients of y = w * (x - mean) / sqrt(var + eps) + b in float64 NumPy,
+    with ``u = g * w``: with batch statistics ``dx = (u - mean(u) - xhat * mean(u * xhat)) / s``;
+    with fixed statistics ``dx = u / s``; ``dw = sum(g * xhat)`` and ``db = sum(g)`` over the
+    axes w does not vary along."""
+    if batch_stats:
+        mean, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+    else:
+        mean, var = rm, rv
+    s = np.sqrt(var + eps)
+    xhat = (x - mean) / s
+    u = g * w
+    if batch_stats:
+        dx = (u - u.mean(axis=axes, keepdims=True) - xhat * (u * xhat).mean(axis=axes, keepdims=True)) / s
+    else:
+        dx = u / s
+    other = tuple(a for a in range(x.ndim) if w.shape[a] == 1)
+    return dx, (g * xhat).sum(axis=other).reshape(-1), g.sum(axis=other).reshape(-1)
+
+
+@pytest.mark.parametrize(
+    ("op", "training"),
+    [("batch_norm", True), ("batch_norm", False), ("instance_norm", True), ("layer_norm", True)],
+)
+def test_tape_gradients_match_the_textbook_formulas_to_1e_10(op: str, training: bool) -> None:
+    rng = np.random.default_rng(11)
+    x, g = rng.normal(0.5, 2.0, size=(5, 3, 4)), rng.normal(size=(5, 3, 4))
+    if op == "layer_norm":
+        w, b, shape, axes = rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), (1, 3, 4), (1, 2)
+    else:
+        w, b, shape = rng.normal(size=3), rng.normal(size=3), (1, 3, 1)
+        axes = (0, 2) if op == "batch_norm" else (2,)
+    rm, rv = rng.normal(size=3), rng.uniform(0.5, 2.0, size=3)
+    tx, tw, tb = tf.constant(x), tf.constant(w), tf.constant(b)
+    with tf.GradientTape() as tape:
+        tape.watch([tx, tw, tb])
+        if op == "layer_norm":
+            y = kernels.layer_norm(tx, tw, tb, axes, EPS)
+        else:
+            kernel = getattr(kernels, op)
+            y = kernel(tx, tw, tb, tf.constant(rm), tf.constant(rv), training, 0.1, EPS, 1, True)[0]
+        loss = tf.reduce_sum(tf.constant(g) * y)
+    got = [t.numpy().reshape(-1) if i else t.numpy() for i, t in enumerate(tape.gradient(loss, [tx, tw, tb]))]
+    expected = _analytic_gradients(
+        x, w.reshape(shape), g, axes, EPS, training, rm.reshape(1, 3, 1), rv.reshape(1, 3, 1)
+    )
+    for name, a, e in zip(("x", "weight", "bias"), got, expected, strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-10, atol=1e-10, err_msg=name)

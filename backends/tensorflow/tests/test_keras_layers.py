@@ -186,3 +186,19 @@ def test_state_dict_round_trips_through_normkit_format() -> None:
     np.testing.assert_array_equal(again(x, training=False).numpy(), layer(x, training=False).numpy())
     core = normkit.BatchNorm.from_state_dict(state).eval()  # the NumPy backend reads it too
     np.testing.assert_allclose(core(x), layer(x, training=False).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_mixed_precision_policy_behaves_as_keras() -> None:
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        x = np.random.default_rng(11).normal(2.0, 3.0, size=(8, 5, 5, 4)).astype("float32")
+        for ours, stock in (
+            (nt.BatchNormalization(), keras.layers.BatchNormalization()),
+            (nt.LayerNormalization(), keras.layers.LayerNormalization()),
+        ):
+            got, expected = ours(x, training=True), stock(x, training=True)
+            assert got.dtype == expected.dtype == tf.float16
+            assert all(w.dtype == "float32" for w in ours.weights)
+            np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=2e-3, atol=2e-3)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
