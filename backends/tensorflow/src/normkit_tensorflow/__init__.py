@@ -12,8 +12,22 @@ Import this package for the Keras 3 layers (see :mod:`normkit_tensorflow.layers`
 (0.9, 1e-05)
 """
 
-from normkit_tensorflow.layers import BatchNormalization, InstanceNormalization, LayerNormalization
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchNormalization", "InstanceNormalization", "LayerNormalization", "__version__"]
+
+_LAYERS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization")
+
+
+def __getattr__(name: str) -> Any:
+    """The Keras layers, imported on first use: the normkit plugin (``normkit_tensorflow.plugin``)
+    loads with TensorFlow alone, without importing Keras."""
+    if name in _LAYERS:
+        from normkit_tensorflow import layers
+
+        return getattr(layers, name)
+    raise AttributeError(f"module 'normkit_tensorflow' has no attribute {name!r}")
