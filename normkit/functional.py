@@ -64,6 +64,18 @@ def _check_input(be: Backend, x: Array, min_ndim: int, what: str) -> tuple[int, 
     return shape
 
 
+def _size(shape: tuple[int | None, ...]) -> int | None:
+    """The number of elements, or ``None`` while a dimension is unknown (a traced graph)."""
+    return None if None in shape else math.prod(shape)
+
+
+def _same_shape(got: tuple[int | None, ...], expected: tuple[int | None, ...]) -> bool:
+    """Equal shapes, where an unknown dimension (``None``) matches any size."""
+    return len(got) == len(expected) and all(
+        g is None or e is None or g == e for g, e in zip(got, expected, strict=True)
+    )
+
+
 def _index(value: object, name: str) -> int:
     """``value`` as an int (any integer type, NumPy's included); bools are not integers here."""
     if isinstance(value, bool):
@@ -109,7 +121,7 @@ def _check_param(be: Backend, name: str, value: Array | None, shape: tuple[int, 
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {dtype}; expected a floating dtype, one of {FLOAT_DTYPES}")
     got = tuple(be.info.shape(value))
-    if got != shape:
+    if not _same_shape(got, shape):
         raise ValueError(f"{name} has shape {got}; expected {shape}")
 
 
@@ -197,10 +209,10 @@ def _channel_norm(
         raise ValueError(
             f"running_mean and running_var are None: {flag} normalizes with running statistics; pass them"
         )
-    size = math.prod(shape)
+    size = _size(shape)
     if size == 0:
         return _empty_like(be, x, shape), running_mean, running_var
-    if use_batch_stats:
+    if use_batch_stats and size is not None:  # unknown sizes are the kernel's to handle
         per_group, what = (
             (size // shape[axis], "channel")
             if op == "batch_norm"
@@ -347,7 +359,7 @@ def normalized_axes(
         raise ValueError("pass normalized_shape or axis, not both")
     if normalized_shape is not None:
         dims = as_shape(normalized_shape, "normalized_shape")
-        if len(dims) > ndim or tuple(shape[ndim - len(dims) :]) != dims:
+        if len(dims) > ndim or not _same_shape(tuple(shape[ndim - len(dims) :]), dims):
             raise ValueError(
                 f"normalized_shape={dims} does not match the trailing dimensions of x with shape {shape}"
             )
@@ -406,6 +418,6 @@ def _layer_norm(
     _check_param(be, "weight", weight, param_shape, x)
     _check_param(be, "bias", bias, param_shape, x)
     eps = presets.check_eps(p.layer_norm_eps if eps is None else eps)
-    if math.prod(shape) == 0:
+    if _size(shape) == 0:
         return _empty_like(be, x, shape)
     return be.layer_norm(x, weight, bias, axes, eps)

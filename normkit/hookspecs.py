@@ -129,7 +129,9 @@ class BackendInfo:
         bfloat16 or upcast to float32).
     :param dtype_name: the dtype of a backend array by name (``"float32"``, ``"int64"``).
     :param device: the device of a backend array by name.
-    :param shape: the shape of a backend array as a tuple of ints.
+    :param shape: the shape of a backend array as a tuple of ints; ``None`` for a dimension that
+        is not known yet (a tensor being traced into a graph, as in ``tf.function``). normkit
+        skips the checks that need such a dimension, and the kernel must handle it.
     :param full: ``full(shape, fill_value, dtype, like)`` creates an array filled with
         ``fill_value`` of the named dtype on the device of the backend array ``like``.
     """

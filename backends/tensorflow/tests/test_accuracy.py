@@ -23,6 +23,14 @@ LARGE = [
         options={"axis": -1, "track_running_stats": True},
         loc=100.0,
     ),
+    Case(
+        "in-nchw-65k-offset-100",
+        "instance_norm",
+        (2, 2, 256, 256),
+        options={"track_running_stats": True},
+        loc=100.0,
+    ),
+    Case("ln-262k-offset-1e4", "layer_norm", (2, 262144), options={"normalized_shape": 262144}, loc=1e4),
     # float64 at 100: at 1e4 the float64 reference itself (a pairwise sum of x) is off by about
     # 13 eps|mu|, more than the bound, so it cannot judge a backend there
     Case(

@@ -202,3 +202,38 @@ def test_mixed_precision_policy_behaves_as_keras() -> None:
             np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=2e-3, atol=2e-3)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_state_dict_corner_cases() -> None:
+    x = np.random.default_rng(12).normal(1.0, 2.0, size=(8, 3)).astype("float32")
+    only_shift = nt.BatchNormalization(scale=False)
+    only_shift(x, training=True)
+    state = only_shift.state_dict()  # normkit keeps γ and β together: γ is exported as 1
+    np.testing.assert_array_equal(np.asarray(state["weight"]), np.ones(3))
+    core = normkit.BatchNorm.from_state_dict(state).eval()
+    np.testing.assert_allclose(core(x), only_shift(x, training=False).numpy(), rtol=1e-6, atol=1e-6)
+
+    untracked = normkit.BatchNorm(3, track_running_stats=False, preset="keras")
+    untracked(x)
+    with pytest.raises(normkit.StateDictError, match="tracks no running statistics"):
+        nt.BatchNormalization.from_state_dict(untracked.state_dict())
+
+    overridden = normkit.BatchNorm(3, preset="torch", running_var_estimator="biased")
+    overridden(x)
+    assert not nt.BatchNormalization.from_state_dict(overridden.state_dict()).unbiased_running_var
+
+    wrong = nt.BatchNormalization.from_state_dict(overridden.state_dict())
+    with pytest.raises(ValueError, match=r"the state's moving_mean has shape \(3,\), but this input gives"):
+        wrong(np.zeros((2, 5), "float32"))
+
+
+def test_layer_norm_state_over_several_trailing_axes_and_epsilon_zero() -> None:
+    state = normkit.LayerNorm((5, 6), preset="torch")
+    x = np.random.default_rng(13).normal(size=(2, 5, 6)).astype("float32")
+    state(x)
+    layer = nt.LayerNormalization.from_state_dict(state.state_dict())  # axis from normalized_shape
+    np.testing.assert_allclose(layer(x).numpy(), state(x), rtol=1e-5, atol=1e-5)
+    ours, stock = nt.BatchNormalization(epsilon=0), keras.layers.BatchNormalization(epsilon=0)
+    assert ours.epsilon == stock.epsilon == 0.0
+    with pytest.raises(ValueError, match="epsilon=-1"):
+        nt.LayerNormalization(epsilon=-1)

@@ -18,8 +18,10 @@ one after another: summing ``x`` itself, the mean of a channel with 65 536 value
 ``BatchNormalization``, which sums ``x``), outside the spec's bound; summing ``d``, whose values
 are of the size of σ, it stays inside. Each mean is also taken one axis at a time (so each
 sequential sum is as long as one axis, not the whole group). A constant channel, or a group of one value, has
-``d = 0`` exactly and normalizes to β exactly. The shift costs one elementwise pass: about 9 %
-of Keras's training time in ``tf.function`` (see docs/performance.md).
+``d = 0`` exactly and normalizes to β exactly. The shift costs one elementwise pass, about 9 %
+of Keras's training time in ``tf.function`` (see docs/performance.md); groups that run along
+the innermost axes (layer norm, channels-first instance norm) are summed accurately by
+TensorFlow as they are and skip it.
 ``tf.nn.fused_batch_norm`` is not used: it clamps eps to at least 1.001e-5 and returns the
 Bessel-corrected variance.
 float16 and bfloat16 input is cast to float32 first (``tf.nn.moments`` would keep bfloat16);
@@ -69,12 +71,21 @@ def _mean(t: Tensor, axes: list[int]) -> Tensor:
     return t
 
 
-def _moments(xc: Tensor, axes: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(d, shift, mean_d, var)`` of the shifted two-pass, kept-dims over ``axes``: the group
-    mean is ``shift + mean_d``."""
-    first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(len(xc.shape)))
-    shift = tf.stop_gradient(xc[first])
-    d = xc - shift
+def _moments(xc: Tensor, axes: list[int]) -> tuple[Tensor, Tensor | float, Tensor, Tensor]:
+    """``(d, shift, mean_d, var)``, kept-dims over ``axes``: the group mean is ``shift + mean_d``
+    and ``d = xc - shift``.
+
+    The shift is the group's first value when the groups run along outer axes (whose CPU sums
+    are sequential) or hold one value each (then ``d`` is exactly 0); groups over the innermost
+    axes are summed accurately as they are, and skip the extra pass (``shift = 0``)."""
+    rank = len(xc.shape)
+    trailing = sorted(axes) == list(range(rank - len(axes), rank))
+    if trailing and not all(xc.shape[a] == 1 for a in axes):
+        shift, d = 0.0, xc
+    else:
+        first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(rank))
+        shift = tf.stop_gradient(xc[first])
+        d = xc - shift
     mean_d = _mean(d, axes)
     var = _mean(tf.math.squared_difference(d, tf.stop_gradient(mean_d)), axes)
     return d, shift, mean_d, var
@@ -144,7 +155,9 @@ def _channel_norm(
         return y, None, None
     # the shift is one value per group; reduce it (an identity) so that an empty batch still
     # yields one (NaN) mean per group, which the guard below discards
-    mean = tf.stop_gradient(tf.reduce_mean(shift, axis=axes, keepdims=True) + mean_d)
+    if not isinstance(shift, float):
+        mean_d = mean_d + tf.reduce_mean(shift, axis=axes, keepdims=True)
+    mean = tf.stop_gradient(mean_d)
     var = tf.stop_gradient(var)
     n = _group_count(x, tf.size(mean, out_type=tf.int64), cdt)
     if unbiased_running_var:

@@ -47,6 +47,17 @@ def _keras_momentum(momentum: float | None, preset: presets.Preset) -> float:
     return presets.check_momentum(momentum)
 
 
+def _epsilon(epsilon: object, default: float) -> float:
+    """``epsilon`` (default: the preset's): a finite number >= 0, as Keras accepts it."""
+    if epsilon is None:
+        return default
+    try:
+        presets.check_eps(epsilon if epsilon != 0 else 1.0)
+    except (TypeError, ValueError):
+        raise ValueError(f"epsilon={epsilon!r}: expected a finite number >= 0") from None
+    return float(epsilon)  # type: ignore[arg-type]
+
+
 def _unsupported(**options: Any) -> None:
     for name, value in options.items():
         if value:
@@ -77,10 +88,15 @@ class _PresetOptions:
 
     def _assign_pending_weights(self) -> None:
         """Weights given to ``from_state_dict`` before the layer was built."""
-        if self._pending_weights:
-            for name, value in self._pending_weights.items():
-                getattr(self, name).assign(value)
-        self._pending_weights = None
+        pending, self._pending_weights = self._pending_weights, None
+        for name, value in (pending or {}).items():
+            variable = getattr(self, name)
+            if tuple(variable.shape) != value.shape:
+                raise ValueError(
+                    f"the state's {name} has shape {value.shape}, but this input gives the layer a "
+                    f"{name} of shape {tuple(variable.shape)}: the state was saved for other features"
+                )
+            variable.assign(value)
 
     def _set_preset(self, p: presets.Preset) -> None:
         self.preset = p.name
@@ -134,7 +150,7 @@ class BatchNormalization(_PresetOptions, keras.layers.BatchNormalization):
         super().__init__(
             axis=axis,
             momentum=_keras_momentum(momentum, p),
-            epsilon=presets.check_eps(p.batch_norm_eps if epsilon is None else epsilon),
+            epsilon=_epsilon(epsilon, p.batch_norm_eps),
             center=center,
             scale=scale,
             beta_initializer=beta_initializer,
@@ -160,20 +176,23 @@ class BatchNormalization(_PresetOptions, keras.layers.BatchNormalization):
         batches, so ``num_batches_tracked`` is 0."""
         if not self.built:
             raise RuntimeError("the layer has no weights yet: call it on an input or build it first")
-        if self.scale != self.center:
-            raise ValueError("normkit's state has γ and β together: scale and center must match")
+        affine = self.scale or self.center  # normkit keeps γ and β together: the missing one is 1 or 0
         layer = normkit.BatchNorm(
-            self.moving_mean.shape[0], eps=self.epsilon, momentum=self.momentum, affine=self.scale,
+            self.moving_mean.shape[0], eps=self.epsilon, momentum=self.momentum, affine=affine,
             axis=self.axis, momentum_weights="running",
             running_var_estimator="unbiased" if self.unbiased_running_var else "biased",
             allow_single_value=self.allow_single_value, preset=self.preset,
         )  # fmt: skip
-        arrays = {"running_mean": self.moving_mean, "running_var": self.moving_variance}
-        if self.scale:
-            arrays.update(weight=self.gamma, bias=self.beta)
-        layer.load_state_dict(
-            {k: np.array(v.numpy()) for k, v in arrays.items()} | {"num_batches_tracked": 0}
-        )
+        arrays = {"running_mean": self.moving_mean.numpy(), "running_var": self.moving_variance.numpy()}
+        if affine:
+            dtype = arrays["running_mean"].dtype
+            ones, zeros = (
+                np.ones(arrays["running_mean"].shape, dtype),
+                np.zeros(arrays["running_mean"].shape, dtype),
+            )
+            arrays["weight"] = self.gamma.numpy() if self.scale else ones
+            arrays["bias"] = self.beta.numpy() if self.center else zeros
+        layer.load_state_dict({k: np.array(v) for k, v in arrays.items()} | {"num_batches_tracked": 0})
         return layer.state_dict()
 
     @classmethod
@@ -192,12 +211,22 @@ class BatchNormalization(_PresetOptions, keras.layers.BatchNormalization):
         target = presets.get_preset(preset or metadata.get("preset", "keras"))
         if metadata["momentum"] is None:
             raise StateDictError("momentum=None (a cumulative average) has no Keras equivalent")
+        if not metadata.get("track_running_stats", True):
+            raise StateDictError(
+                "the state tracks no running statistics (track_running_stats=False): Keras's "
+                "BatchNormalization always has moving statistics to normalize with in inference"
+            )
         weight = presets.batch_weight(metadata["momentum"], metadata["momentum_weights"])
         affine = bool(metadata.get("affine", True))
         layer = cls(
             axis=axis, momentum=round(1.0 - weight, 12), epsilon=metadata["eps"], center=affine,
             scale=affine, preset=target.name, **kwargs,
         )  # fmt: skip
+        if preset is None:  # the state's own choices, including ones that override its preset
+            if "running_var_estimator" in metadata:
+                layer.unbiased_running_var = metadata["running_var_estimator"] == "unbiased"
+            if "allow_single_value" in metadata:
+                layer.allow_single_value = bool(metadata["allow_single_value"])
         names = {"moving_mean": "running_mean", "moving_variance": "running_var"}
         if affine:
             names.update(gamma="weight", beta="bias")
@@ -257,7 +286,7 @@ class LayerNormalization(_PresetOptions, keras.layers.LayerNormalization):
         p = presets.get_preset(preset)
         super().__init__(
             axis=axis,
-            epsilon=presets.check_eps(p.layer_norm_eps if epsilon is None else epsilon),
+            epsilon=_epsilon(epsilon, p.layer_norm_eps),
             center=center,
             scale=scale,
             beta_initializer=beta_initializer,
@@ -280,11 +309,18 @@ class LayerNormalization(_PresetOptions, keras.layers.LayerNormalization):
 
     @classmethod
     def from_state_dict(
-        cls, state_dict: Mapping[str, Any], *, axis: int | list[int] = -1, **kwargs: Any
+        cls, state_dict: Mapping[str, Any], *, axis: int | list[int] | None = None, **kwargs: Any
     ) -> LayerNormalization:
         """A layer holding a normkit layer-norm state (``normkit.LayerNorm.state_dict()``), e.g.
-        one trained in PyTorch: ``eps`` is carried over; γ and β are set when it is built."""
+        one trained in PyTorch: ``eps`` is carried over; γ and β are set when it is built.
+        ``axis`` defaults to the trailing axes the state normalized (PyTorch's
+        ``normalized_shape``), else the last."""
         metadata = _metadata(state_dict, ("LayerNorm",))
+        if axis is None:
+            normalized_shape = metadata.get("normalized_shape")
+            if isinstance(normalized_shape, int):
+                normalized_shape = [normalized_shape]
+            axis = list(range(-len(normalized_shape), 0)) if normalized_shape else -1
         affine = "weight" in state_dict
         layer = cls(
             axis=axis, epsilon=metadata["eps"], scale=affine, center="bias" in state_dict,
@@ -343,7 +379,7 @@ class InstanceNormalization(_PresetOptions, keras.layers.Layer):
         p = presets.get_preset(preset)
         self._set_preset(p)
         self.axis = int(axis)
-        self.epsilon = presets.check_eps(p.instance_norm_eps if epsilon is None else epsilon)
+        self.epsilon = _epsilon(epsilon, p.instance_norm_eps)
         self.center, self.scale = center, scale
         self.track_running_stats = track_running_stats
         self.momentum = _keras_momentum(momentum, p)

@@ -48,6 +48,23 @@ def _devices() -> tuple[str, ...]:
     return ("cpu", "gpu") if tf.config.list_logical_devices("GPU") else ("cpu",)
 
 
+def _keep_autograph_out_of_normkit() -> None:
+    """normkit's Python is plain control flow on shapes and options, fixed while tracing: tell
+    AutoGraph not to rewrite it (rewriting it is slow, warns, and has failed on keyword calls).
+    AutoGraph has no public switch for a package, so this extends its rule list, as TensorFlow
+    does for its own packages; if that internal moves, tracing still works, only noisier."""
+    try:
+        from tensorflow.python.autograph.core import config, config_lib
+    except ImportError:  # pragma: no cover - a TensorFlow without this internal
+        return
+    names = ("normkit", "normkit_tensorflow")
+    present = {getattr(rule, "_prefix", None) for rule in config.CONVERSION_RULES}
+    rules = tuple(config_lib.DoNotConvert(name) for name in names if name not in present)
+    config.CONVERSION_RULES = rules + tuple(config.CONVERSION_RULES)
+
+
+_keep_autograph_out_of_normkit()
+
 _INFO: normkit.BackendInfo | None = None
 
 
