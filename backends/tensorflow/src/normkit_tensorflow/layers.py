@@ -86,6 +86,10 @@ class _PresetOptions:
 
     _pending_weights: dict[str, np.ndarray] | None = None
 
+    def build(self, input_shape: Any) -> None:
+        super().build(input_shape)  # Keras's own build: the weights, in Keras's order
+        self._assign_pending_weights()
+
     def _assign_pending_weights(self) -> None:
         """Weights given to ``from_state_dict`` before the layer was built."""
         pending, self._pending_weights = self._pending_weights, None
@@ -164,10 +168,6 @@ class BatchNormalization(_PresetOptions, keras.layers.BatchNormalization):
             **kwargs,
         )
         self._set_preset(p)
-
-    def build(self, input_shape: Any) -> None:
-        super().build(input_shape)
-        self._assign_pending_weights()
 
     def state_dict(self) -> dict[str, Any]:
         """The layer's state in normkit's format (NumPy arrays and ``_metadata``): what
@@ -298,10 +298,6 @@ class LayerNormalization(_PresetOptions, keras.layers.LayerNormalization):
             **kwargs,
         )
         self._set_preset(p)
-
-    def build(self, input_shape: Any) -> None:
-        super().build(input_shape)
-        self._assign_pending_weights()
 
     def _axes(self, rank: int) -> tuple[int, ...]:
         """The normalized axes, non-negative and increasing."""
