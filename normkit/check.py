@@ -75,6 +75,8 @@ class CheckReport:
     backends: list[str]
     results: dict[str, list[CaseResult]] = field(default_factory=dict)
     load_errors: dict[str, str] = field(default_factory=dict)
+    no_device: list[str] = field(default_factory=list)
+    """Backends installed and loaded but with no device to run on here (CuPy without a GPU)."""
 
     @property
     def passed(self) -> bool:
@@ -169,9 +171,12 @@ def run_check(
     report = CheckReport(names)
     for name in names:
         try:
-            registry().info(name)
+            info = registry().info(name)
         except Exception as error:  # a broken install must not hide the others' results
             report.load_errors[name] = f"{type(error).__name__}: {error}"
+            continue
+        if not info.devices:
+            report.no_device.append(name)
             continue
         report.results[name] = [run_case(case, name, device) for case in cases]
     return report

@@ -85,6 +85,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(
         f"normkit check: {len(CASES)} conformance cases on {', '.join(report.backends)}, against the float64 reference"
     )
+    for name in report.no_device:
+        print(f"{name}: installed, but has no device on this machine (skipped)")
     print()
     print(report.agreement_matrix())
     pairwise = report.pairwise_matrix()
