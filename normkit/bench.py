@@ -166,9 +166,8 @@ def run_bench(
         framework = baselines.framework_of(backend)
         op = baselines.compiled(framework, _normkit_op(workload, mode, backend, params))
         calls = {"normkit": lambda op=op, x=x: op(x), "floor": baselines.floor(framework, x)}
-        natives = baselines.natives_for(backend)
-        for name, build in natives.items():
-            calls[name] = build(workload, mode, x if baselines.framework_of(name) == framework else x_np)
+        natives = baselines.build_natives(backend, workload, mode, x, x_np)
+        calls.update(natives)
         times = _time_interleaved(calls, rounds, workload.repeats)
         common = {
             "workload": workload.name,
@@ -181,7 +180,8 @@ def run_bench(
             "ratio_to_floor": _median_ratio(times["normkit"], times["floor"]),
             "noise": _noise(times["floor"]),
             "rounds": rounds,
-            "extra": baselines.settings(framework),
+            "extra": baselines.settings(framework)
+            | baselines.device_bandwidth(framework, x, statistics.median(times["normkit"]) / 1e3),
         }
         if not natives:
             results.append(
@@ -224,6 +224,11 @@ def format_table(results: list[BenchResult], markdown: bool = False) -> str:
             native, f"{r.floor_ms:.2f}", ratio, f"{r.ratio_to_floor:.2f}",
             f"{r.overhead_us:+.1f}" if r.overhead_us is not None else "n/a", f"{100 * r.noise:.0f}%",
         ])  # fmt: skip
+    if any("fraction_of_peak" in r.extra for r in results):  # a GPU backend: bandwidth against peak
+        header.append("% peak BW")
+        for row, r in zip(rows, results, strict=True):
+            fraction = r.extra.get("fraction_of_peak")
+            row.append(f"{100 * fraction:.0f}%" if fraction is not None else "")
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]

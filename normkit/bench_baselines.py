@@ -12,7 +12,13 @@ tensorflow     ``keras``: ``keras.layers.*Normalization``;   ``tf.raw_ops.DeepCo
                ``tf.nn``: ``tf.nn.moments`` and              every TF op does)
                ``tf.nn.batch_normalization``; all in
                ``tf.function``
+cupy           ``torch``: PyTorch's CUDA op on the same      ``cupy.copyto`` into a preallocated
+               memory (DLPack), when PyTorch has CUDA        array; every call synchronized
 =============  ============================================  ==========================================
+
+For a GPU backend the results also carry the device, its peak memory bandwidth and the
+effective bandwidth of the normkit op (``2 * x.nbytes / time``: reading ``x`` and writing ``y``
+once, the least a normalization moves) as a fraction of the peak.
 """
 
 from __future__ import annotations
@@ -33,6 +39,21 @@ Builder = Callable[["Workload", str, Any], Callable[[], Any]]
 def framework_of(name: str) -> str:
     """The framework a backend or a native belongs to (``keras`` and ``tf.nn`` are TensorFlow's)."""
     return {"keras": "tensorflow", "tf.nn": "tensorflow"}.get(name, name)
+
+
+def build_natives(
+    backend: str, workload: Workload, mode: str, x: Any, x_np: np.ndarray
+) -> dict[str, Callable[[], Any]]:
+    """The runnable natives for a backend: on its own array when the native shares its framework
+    (or, for CuPy, its GPU memory), else on the NumPy copy; natives that cannot run here are left out."""
+    calls = {}
+    for name, build in natives_for(backend).items():
+        shared = framework_of(name) == framework_of(backend) or backend == "cupy"
+        try:
+            calls[name] = build(workload, mode, x if shared else x_np)
+        except _Unavailable:
+            continue
+    return calls
 
 
 def _torch(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
@@ -103,10 +124,25 @@ def _tf_nn(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
     return lambda: call(x)
 
 
+def _torch_cuda(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
+    """PyTorch's op on the same GPU memory (shared through DLPack), synchronized like normkit's."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise _Unavailable("PyTorch has no CUDA device")
+    call = _torch(workload, mode, torch.from_dlpack(x))
+    return lambda: (call(), torch.cuda.synchronize())
+
+
+class _Unavailable(Exception):
+    """A native that cannot run on this machine (it is left out of the run)."""
+
+
 _NATIVES: dict[str, dict[str, Builder]] = {
     "numpy": {"torch": _torch},
     "torch": {"torch": _torch},
     "tensorflow": {"keras": _keras, "tf.nn": _tf_nn},
+    "cupy": {"torch": _torch_cuda},
 }
 
 
@@ -128,6 +164,15 @@ def compiled(framework: str, function: Callable[[Any], Any]) -> Callable[[Any], 
         import tensorflow as tf
 
         return tf.function(function)
+    if framework == "cupy":  # kernels launch asynchronously: time them to completion
+        import cupy
+
+        def synchronized(x: Any) -> Any:
+            result = function(x)
+            cupy.cuda.get_current_stream().synchronize()
+            return result
+
+        return synchronized
     return function
 
 
@@ -142,10 +187,40 @@ def floor(framework: str, x: Any) -> Callable[[], Any]:
 
         copy = tf.function(lambda t: tf.raw_ops.DeepCopy(x=t))
         return lambda: copy(x)
+    if framework == "cupy":
+        import cupy
+
+        out = cupy.empty_like(x)
+        return lambda: (cupy.copyto(out, x), cupy.cuda.get_current_stream().synchronize())
     if hasattr(x, "clone"):
         out = x.clone()
         return lambda: out.copy_(x)
     raise NotImplementedError(f"no bandwidth floor for {type(x)}")
+
+
+def peak_bandwidth_gbps(properties: dict[str, Any]) -> float:
+    """A GPU's peak memory bandwidth in GB/s from its CUDA device properties: two transfers per
+    memory clock (DDR) over the bus, ``2 * memoryClockRate [kHz] * memoryBusWidth [bit] / 8``."""
+    return 2.0 * properties["memoryClockRate"] * 1e3 * properties["memoryBusWidth"] / 8 / 1e9
+
+
+def device_bandwidth(framework: str, x: Any, seconds: float) -> dict[str, Any]:
+    """For a GPU backend: the device, its peak bandwidth and the call's effective bandwidth,
+    counting the least any normalization must move (read ``x`` once, write ``y`` once)."""
+    if framework != "cupy":
+        return {}
+    import cupy
+
+    properties = cupy.cuda.runtime.getDeviceProperties(x.device.id)
+    peak = peak_bandwidth_gbps(properties)
+    effective = 2 * x.nbytes / seconds / 1e9
+    name = properties["name"]
+    return {
+        "device": name.decode() if isinstance(name, bytes) else str(name),
+        "peak_GBps": peak,
+        "effective_GBps": effective,
+        "fraction_of_peak": effective / peak,
+    }
 
 
 def settings(framework: str) -> dict[str, Any]:

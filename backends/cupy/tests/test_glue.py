@@ -126,3 +126,27 @@ def test_normkit_check_reports_a_backend_without_a_device_instead_of_failing() -
     report = run_check(["numpy", "cupy"])
     assert report.no_device == ["cupy"] and "cupy" not in report.results
     assert report.passed, report.failures()
+
+
+def test_peak_bandwidth_from_device_properties() -> None:
+    from normkit.bench_baselines import peak_bandwidth_gbps
+
+    # an H100 SXM: HBM3 at 2619 MHz over a 5120-bit bus -> about 3.35 TB/s
+    assert peak_bandwidth_gbps({"memoryClockRate": 2_619_000, "memoryBusWidth": 5120}) == pytest.approx(
+        3352.3, rel=1e-4
+    )
+
+
+def test_bench_table_shows_bandwidth_only_for_results_that_have_it() -> None:
+    from normkit.bench import BenchResult, format_table
+
+    common = dict(
+        workload="bn2d-nchw", shape=(2, 3), dtype="float32", mode="train", native=None, normkit_ms=1.0,
+        native_ms=None, floor_ms=0.5, ratio_to_native=None, ratio_to_floor=2.0, overhead_us=None, noise=0.1,
+        rounds=3,
+    )  # fmt: skip
+    cpu = BenchResult(backend="numpy", **common)
+    gpu = BenchResult(backend="cupy", extra={"fraction_of_peak": 0.83}, **common)
+    assert "% peak BW" not in format_table([cpu])
+    table = format_table([cpu, gpu], markdown=True)
+    assert "% peak BW" in table and table.splitlines()[-1].endswith("| 83% |")
