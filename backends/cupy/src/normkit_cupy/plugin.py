@@ -71,24 +71,8 @@ def normkit_backend_info() -> normkit.BackendInfo:
     return _INFO
 
 
-@normkit.hookimpl
-def normkit_batch_norm(
-    x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
-):
-    return kernels.batch_norm(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
-    )
-
-
-@normkit.hookimpl
-def normkit_instance_norm(
-    x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis, unbiased_running_var
-):
-    return kernels.instance_norm(
-        x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis, unbiased_running_var
-    )
-
-
-@normkit.hookimpl
-def normkit_layer_norm(x, weight, bias, axes, eps):
-    return kernels.layer_norm(x, weight, bias, axes, eps)
+# The kernels take exactly the spec's parameters, so they are the hook implementations
+# themselves (pluggy registers them under these names).
+normkit_batch_norm = normkit.hookimpl(kernels.batch_norm)
+normkit_instance_norm = normkit.hookimpl(kernels.instance_norm)
+normkit_layer_norm = normkit.hookimpl(kernels.layer_norm)

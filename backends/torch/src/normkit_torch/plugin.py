@@ -1,8 +1,8 @@
 """The normkit plugin: registered through the ``normkit.backends`` entry point named ``torch``.
 
 normkit loads this module only after ``torch`` has been imported, so importing torch here costs
-nothing. It describes the backend (:func:`normkit_backend_info`) and forwards each hook to
-:mod:`normkit_torch.kernels`.
+nothing. It describes the backend (:func:`normkit_backend_info`) and registers the kernels of
+:mod:`normkit_torch.kernels` as its hooks.
 """
 
 from __future__ import annotations
@@ -93,24 +93,8 @@ def normkit_backend_info() -> normkit.BackendInfo:
     return _INFO
 
 
-@normkit.hookimpl
-def normkit_batch_norm(
-    x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
-):
-    return kernels.batch_norm(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
-    )
-
-
-@normkit.hookimpl
-def normkit_instance_norm(
-    x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis, unbiased_running_var
-):
-    return kernels.instance_norm(
-        x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis, unbiased_running_var
-    )
-
-
-@normkit.hookimpl
-def normkit_layer_norm(x, weight, bias, axes, eps):
-    return kernels.layer_norm(x, weight, bias, axes, eps)
+# The kernels take exactly the spec's parameters, so they are the hook implementations
+# themselves (pluggy registers them under these names).
+normkit_batch_norm = normkit.hookimpl(kernels.batch_norm)
+normkit_instance_norm = normkit.hookimpl(kernels.instance_norm)
+normkit_layer_norm = normkit.hookimpl(kernels.layer_norm)
