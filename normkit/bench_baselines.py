@@ -66,10 +66,10 @@ def _torch(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
     if workload.op != "layer_norm" and workload.axis != 1:
         t = t.movedim(workload.axis, 1)  # logical NCHW view of channels-last memory
     size = workload.shape[-1] if workload.op == "layer_norm" else workload.channels
-    weight, bias = torch.ones(size), torch.zeros(size)
+    weight, bias = torch.ones(size, device=t.device), torch.zeros(size, device=t.device)
     if workload.op == "layer_norm":
         return lambda: F.layer_norm(t, (size,), weight, bias, 1e-5)
-    mean, var = torch.zeros(size), torch.ones(size)
+    mean, var = torch.zeros(size, device=t.device), torch.ones(size, device=t.device)
     training = mode == "train"
     if workload.op == "batch_norm":
         return lambda: F.batch_norm(t, mean, var, weight, bias, training, 0.1, 1e-5)
@@ -206,21 +206,27 @@ def peak_bandwidth_gbps(properties: dict[str, Any]) -> float:
 
 def device_bandwidth(framework: str, x: Any, seconds: float) -> dict[str, Any]:
     """For a GPU backend: the device, its peak bandwidth and the call's effective bandwidth,
-    counting the least any normalization must move (read ``x`` once, write ``y`` once)."""
+    counting the least any normalization must move (read ``x`` once, write ``y`` once). The
+    memory clock and bus width are read as device attributes (CUDA 13 dropped the clock from
+    the properties struct); a device that reports no clock gets no peak."""
     if framework != "cupy":
         return {}
     import cupy
 
-    properties = cupy.cuda.runtime.getDeviceProperties(x.device.id)
-    peak = peak_bandwidth_gbps(properties)
+    runtime = cupy.cuda.runtime
+    device = x.device.id
+    clock = runtime.deviceGetAttribute(runtime.cudaDevAttrMemoryClockRate, device)
+    bus = runtime.deviceGetAttribute(runtime.cudaDevAttrGlobalMemoryBusWidth, device)
+    name = runtime.getDeviceProperties(device)["name"]
     effective = 2 * x.nbytes / seconds / 1e9
-    name = properties["name"]
-    return {
+    peak = peak_bandwidth_gbps({"memoryClockRate": clock, "memoryBusWidth": bus})
+    result: dict[str, Any] = {
         "device": name.decode() if isinstance(name, bytes) else str(name),
-        "peak_GBps": peak,
         "effective_GBps": effective,
-        "fraction_of_peak": effective / peak,
     }
+    if peak > 0:
+        result.update(peak_GBps=peak, fraction_of_peak=effective / peak)
+    return result
 
 
 def settings(framework: str) -> dict[str, Any]:

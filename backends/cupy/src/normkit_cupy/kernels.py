@@ -164,6 +164,22 @@ def _channel_norm(
     )
 
 
+def _on_device_of(function: Any) -> Any:
+    """Run ``function`` with ``x``'s GPU current, so that every temporary and kernel launch is on
+    the array's own device (not whichever device happens to be current)."""
+
+    def on_device(x: Array, *args: Any) -> Any:
+        if isinstance(x, np.ndarray):
+            return function(x, *args)
+        with x.device:
+            return function(x, *args)
+
+    return on_device
+
+
+_channel_norm = _on_device_of(_channel_norm)
+
+
 def batch_norm(
     x: Array,
     weight: Array | None,
@@ -205,6 +221,13 @@ def layer_norm(
     x: Array, weight: Array | None, bias: Array | None, axes: tuple[int, ...], eps: float
 ) -> Array:
     """The spec's layer norm (:func:`normkit.hookspecs.normkit_layer_norm`)."""
+    return _layer_norm(x, weight, bias, axes, eps)
+
+
+@_on_device_of
+def _layer_norm(
+    x: Array, weight: Array | None, bias: Array | None, axes: tuple[int, ...], eps: float
+) -> Array:
     ops = _ops(x)
     xp = ops.xp
     cdt = _compute_dtype(x)

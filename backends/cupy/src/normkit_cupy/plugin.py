@@ -64,7 +64,7 @@ def normkit_backend_info() -> normkit.BackendInfo:
             asarray=_asarray,
             to_numpy=cupy.asnumpy,
             dtype_name=lambda a: a.dtype.name,
-            device=lambda a: "cuda",
+            device=lambda a: f"cuda:{a.device.id}",
             shape=lambda a: a.shape,
             full=_full,
         )
