@@ -63,10 +63,14 @@ class Workload:
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload("bn2d-nchw", "batch_norm", (32, 64, 56, 56)),
+    Workload("bn2d-nchw-256", "batch_norm", (8, 256, 28, 28)),
     Workload("bn2d-nhwc", "batch_norm", (32, 56, 56, 64), axis=-1),
     Workload("bn1d", "batch_norm", (4096, 1024)),
     Workload("ln-768", "layer_norm", (64, 512, 768), axis=-1),
+    Workload("ln-1024", "layer_norm", (4096, 1024), axis=-1),
     Workload("in2d", "instance_norm", (16, 64, 64, 64)),
+    Workload("bn2d-nchw-f64", "batch_norm", (32, 64, 56, 56), dtype="float64"),
+    Workload("ln-1024-f64", "layer_norm", (4096, 1024), dtype="float64", axis=-1),
     Workload("tiny", "batch_norm", (2, 4), repeats=200),
 )
 
@@ -237,6 +241,44 @@ def format_table(results: list[BenchResult], markdown: bool = False) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
     )
+
+
+def write_plot(results: list[BenchResult], path: str) -> None:
+    """A PNG of each result's time as a multiple of the bandwidth floor, per workload and mode:
+    one bar per backend, and a marker for each native op measured in the same run (matplotlib,
+    imported here only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys(f"{r.workload}\n{r.mode}" for r in results))
+    backends = list(dict.fromkeys(r.backend for r in results))
+    width = 0.8 / max(len(backends), 1)
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.9 * len(keys) + 2), 4.0))
+    natives_drawn: set[str] = set()
+    for index, backend in enumerate(backends):
+        mine = {f"{r.workload}\n{r.mode}": r for r in results if r.backend == backend}
+        positions = [k + index * width for k, key in enumerate(keys) if key in mine]
+        values = [mine[key].ratio_to_floor for key in keys if key in mine]
+        axes.bar(positions, values, width, label=f"normkit ({backend})")
+        for k, key in enumerate(keys):
+            r = mine.get(key)
+            if r is None or r.ratio_to_native is None:
+                continue
+            native_to_floor = r.ratio_to_floor / r.ratio_to_native
+            label = f"native: {r.native}" if r.native not in natives_drawn else None
+            natives_drawn.add(str(r.native))
+            axes.plot(k + index * width, native_to_floor, "k_", markersize=14, label=label)
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    axes.set_xticks([k + width * (len(backends) - 1) / 2 for k in range(len(keys))], keys, fontsize=7)
+    axes.set_yscale("log")
+    axes.set_ylabel("time / bandwidth floor (log)")
+    axes.set_title("time as a multiple of a copy of the input; lower is better", fontsize=10)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def write_json(results: list[BenchResult], path: str) -> None:

@@ -7,7 +7,7 @@
     runs the conformance cases on every installed backend and prints the agreement matrix
     (largest error against the float64 reference per operation x dtype x backend) and, with
     several backends, the pairwise matrix. Exits with 1 if anything fails.
-``normkit bench [--backend NAME ...] [--workload NAME ...] [--rounds N] [--json PATH] [--markdown]``
+``normkit bench [--backend NAME ...] [--workload NAME ...] [--rounds N] [--json PATH] [--plot PATH] [--markdown]``
     times each backend's ops against the framework's native op and a memory-bandwidth floor
     measured in the same run, and prints the ratios.
 """
@@ -104,7 +104,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from normkit.bench import WORKLOADS, format_table, run_bench, write_json
+    from normkit.bench import WORKLOADS, format_table, run_bench, write_json, write_plot
     from normkit.check import available_backends
 
     workloads = tuple(w for w in WORKLOADS if not args.workload or w.name in args.workload)
@@ -134,6 +134,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         write_json(results, args.json)
         print(f"\nresults written to {args.json}")
+    if args.plot:
+        write_plot(results, args.plot)
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -168,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=_rounds, default=20, help="interleaved timing rounds, at least 2 (default 20)"
     )
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")
+    bench.add_argument(
+        "--plot", default=None, help="also plot time / floor per workload to this PNG (matplotlib)"
+    )
     bench.add_argument("--markdown", action="store_true", help="print a Markdown table")
     bench.set_defaults(run=cmd_bench)
     return parser

@@ -101,3 +101,13 @@ def test_bench_rejects_bad_arguments_without_a_traceback(capsys: pytest.CaptureF
     with pytest.raises(SystemExit):
         main(["bench", "--rounds", "1"])
     assert "need at least 2 rounds" in capsys.readouterr().err
+
+
+def test_bench_plots_time_over_the_floor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "bench.png"
+    assert (
+        main(["bench", "--backend", "numpy", "--workload", "tiny", "--rounds", "2", "--plot", str(plot)]) == 0
+    )
+    assert f"plot written to {plot}" in capsys.readouterr().out
+    assert plot.read_bytes().startswith(b"\x89PNG") and plot.stat().st_size > 5000
