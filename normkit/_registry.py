@@ -356,14 +356,25 @@ class _Registry:
 
 
 def _check_signature(function: Callable[..., Any], spec: Callable[..., Any], plugin: str) -> None:
-    """normkit calls implementations directly, so their parameters must equal the spec's."""
+    """normkit calls implementations directly, so their parameters must equal the spec's (plus,
+    optionally, the keyword-only ``out``; see :func:`takes_out`)."""
     expected = list(inspect.signature(spec).parameters)
-    got = list(inspect.signature(function).parameters)
+    got = [
+        name for name in inspect.signature(function).parameters if not (name == "out" and takes_out(function))
+    ]
     if got != expected:
         raise TypeError(
             f"plugin {plugin!r}: {function.__qualname__}({', '.join(got)}) must take exactly the "
-            f"spec's parameters, in order: ({', '.join(expected)})"
+            f"spec's parameters, in order: ({', '.join(expected)}), and optionally a keyword-only out=None"
         )
+
+
+@lru_cache(maxsize=64)
+def takes_out(function: Callable[..., Any]) -> bool:
+    """True if a kernel declares the optional keyword-only ``out`` parameter (it then writes ``y``
+    into a given array)."""
+    parameter = inspect.signature(function).parameters.get("out")
+    return parameter is not None and parameter.kind is inspect.Parameter.KEYWORD_ONLY
 
 
 _REGISTRY = _Registry()

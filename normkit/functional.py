@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from normkit import presets
-from normkit._registry import Backend, backend_for, backend_named, type_name
+from normkit._registry import Backend, backend_for, backend_named, takes_out, type_name
 
 __all__ = ["BatchNormResult", "InstanceNormResult", "batch_norm", "instance_norm", "layer_norm"]
 
@@ -154,6 +154,28 @@ def _empty_like(be: Backend, x: Array, shape: tuple[int, ...]) -> Array:
     return be.info.full(shape, 0.0, be.info.dtype_name(x), x)
 
 
+def _check_out(
+    be: Backend, kernel: Any, op: str, out: Array | None, x: Array, shape: tuple[int, ...]
+) -> None:
+    """``out`` must be an array of ``x``'s backend, dtype, shape and device, and the backend's
+    kernel must write into one."""
+    if out is None:
+        return
+    if not takes_out(kernel):
+        raise TypeError(
+            f"out=: backend {be.name!r} does not write {op}'s output into a given array; pass out=None"
+        )
+    if not be.handles(type(out)):
+        raise TypeError(f"out is a {type_name(type(out))}; expected an array like x ({type_name(type(x))})")
+    info = be.info
+    if info.dtype_name(out) != info.dtype_name(x):
+        raise TypeError(f"out has dtype {info.dtype_name(out)}; expected x's dtype {info.dtype_name(x)}")
+    if not _same_shape(tuple(info.shape(out)), shape):
+        raise ValueError(f"out has shape {tuple(info.shape(out))}; expected x's shape {shape}")
+    if info.device(out) != info.device(x):
+        raise ValueError(f"out is on device {info.device(out)}; expected x's device {info.device(x)}")
+
+
 def _check_values_per_group(
     n: int, shape: tuple[int, ...], allow_single_value: bool, unbiased_update: bool, what: str
 ) -> None:
@@ -187,6 +209,7 @@ def _channel_norm(
     running_var_estimator: str | None,
     allow_single_value: bool | None,
     p: presets.Preset,
+    out: Array | None = None,
 ) -> tuple[Array, Array | None, Array | None]:
     """Batch or instance norm once the backend, the input's shape and the axis are known
     (the entry point for layers, which resolve those themselves)."""
@@ -209,9 +232,11 @@ def _channel_norm(
         raise ValueError(
             f"running_mean and running_var are None: {flag} normalizes with running statistics; pass them"
         )
+    kernel = be.batch_norm if op == "batch_norm" else be.instance_norm
+    _check_out(be, kernel, op, out, x, shape)
     size = _size(shape)
     if size == 0:
-        return _empty_like(be, x, shape), running_mean, running_var
+        return (_empty_like(be, x, shape) if out is None else out), running_mean, running_var
     if use_batch_stats and size is not None:  # unknown sizes are the kernel's to handle
         per_group, what = (
             (size // shape[axis], "channel")
@@ -219,7 +244,10 @@ def _channel_norm(
             else (size // (shape[0] * shape[axis]), "instance and channel")
         )
         _check_values_per_group(per_group, shape, allow, unbiased and running_mean is not None, what)
-    kernel = be.batch_norm if op == "batch_norm" else be.instance_norm
+    if out is not None:
+        return kernel(
+            x, weight, bias, running_mean, running_var, use_batch_stats, m, eps, axis, unbiased, out=out
+        )
     return kernel(x, weight, bias, running_mean, running_var, use_batch_stats, m, eps, axis, unbiased)
 
 
@@ -239,6 +267,7 @@ def batch_norm(
     allow_single_value: bool | None = None,
     preset: str | presets.Preset = "torch",
     backend: str | None = None,
+    out: Array | None = None,
 ) -> BatchNormResult:
     r"""Batch normalization (see :func:`normkit.hookspecs.normkit_batch_norm` for the math).
 
@@ -257,6 +286,9 @@ def batch_norm(
     :param allow_single_value: allow one value per channel in training (then ``y = bias``).
     :param preset: ``"torch"``, ``"keras"``, ``"flax"`` or ``"onnx"``.
     :param backend: force a backend by name instead of choosing by ``x``'s type.
+    :param out: an array of ``x``'s type, shape, dtype and device to write ``y`` into (it is
+        then returned as ``y``); ``x`` itself normalizes in place. Only backends whose kernel
+        takes ``out`` accept it (the NumPy backend does).
     :returns: :class:`BatchNormResult` ``(y, running_mean, running_var)``.
     """
     p = presets.get_preset(preset)
@@ -281,6 +313,7 @@ def batch_norm(
             running_var_estimator,
             allow_single_value,
             p,
+            out,
         )
     )
 
@@ -301,6 +334,7 @@ def instance_norm(
     allow_single_value: bool | None = None,
     preset: str | presets.Preset = "torch",
     backend: str | None = None,
+    out: Array | None = None,
 ) -> InstanceNormResult:
     r"""Instance normalization (see :func:`normkit.hookspecs.normkit_instance_norm`).
 
@@ -335,6 +369,7 @@ def instance_norm(
             running_var_estimator,
             allow_single_value,
             p,
+            out,
         )
     )
 
@@ -385,6 +420,7 @@ def layer_norm(
     eps: float | None = None,
     preset: str | presets.Preset = "torch",
     backend: str | None = None,
+    out: Array | None = None,
 ) -> Array:
     r"""Layer normalization (see :func:`normkit.hookspecs.normkit_layer_norm`).
 
@@ -394,13 +430,14 @@ def layer_norm(
     :param bias: β with the same shape, or ``None``.
     :param axis: Keras style: an axis or a list of axes to normalize over (default: the last).
     :param eps: default the preset's (1e-5 torch/onnx, 1e-3 keras, 1e-6 flax).
+    :param out: where to write ``y``, as in :func:`batch_norm`.
     :returns: ``y``, same shape and dtype as ``x``. The same in training and eval.
     """
     p = presets.get_preset(preset)
     be = _backend(x, backend)
     shape = _check_input(be, x, 1, "layer_norm")
     axes = normalized_axes(shape, normalized_shape, axis)
-    return _layer_norm(be, x, shape, axes, weight, bias, eps, p)
+    return _layer_norm(be, x, shape, axes, weight, bias, eps, p, out)
 
 
 def _layer_norm(
@@ -412,12 +449,16 @@ def _layer_norm(
     bias: Array | None,
     eps: float | None,
     p: presets.Preset,
+    out: Array | None = None,
 ) -> Array:
     """Layer norm once the backend, shape and axes are known (the entry point for layers)."""
     param_shape = tuple(shape[a] for a in axes)
     _check_param(be, "weight", weight, param_shape, x)
     _check_param(be, "bias", bias, param_shape, x)
     eps = presets.check_eps(p.layer_norm_eps if eps is None else eps)
+    _check_out(be, be.layer_norm, "layer_norm", out, x, shape)
     if _size(shape) == 0:
-        return _empty_like(be, x, shape)
+        return _empty_like(be, x, shape) if out is None else out
+    if out is not None:
+        return be.layer_norm(x, weight, bias, axes, eps, out=out)
     return be.layer_norm(x, weight, bias, axes, eps)

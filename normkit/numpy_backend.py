@@ -1,15 +1,28 @@
 """The NumPy backend: normkit's embedded default, registered like any other plugin.
 
-It turns each spec call into "reduce over these axes, then scale and shift" on views of the
-input (no transposes, no copies of float32/float64 input beyond the output buffer) and
-leaves the numerical work to :mod:`normkit._numpy_kernels`. bfloat16 arrays (from
-``ml_dtypes``) are handled when that package is installed; normkit never imports it itself
-unless asked to create a bfloat16 array.
+Two implementations of the same numerics sit behind it:
+
+* **compiled** (:mod:`normkit._numpy_compiled`, numba kernels, installed by the ``fast``
+  extra): one parallel fused pass for the statistics and one for the output, at the
+  memory-bandwidth floor;
+* **pure NumPy** (this module and :mod:`normkit._numpy_kernels`): "reduce over these axes,
+  then scale and shift" on views of the input. It handles every call, and takes the ones the
+  compiled path does not (non-contiguous input, layer norm over non-trailing axes).
+
+The environment variable ``NORMKIT_NUMPY_KERNELS`` chooses, read on the first NumPy op:
+``auto`` (the default: compiled when numba is installed), ``compiled`` (an error without
+numba) or ``pure``; :func:`use_kernels` switches at run time. Neither numba nor the compiled
+kernels are imported before the first op.
+
+bfloat16 arrays (from ``ml_dtypes``) are handled when that package is installed; normkit never
+imports it itself unless asked to create a bfloat16 array.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+from types import ModuleType
 
 import numpy as np
 
@@ -18,12 +31,63 @@ from normkit._registry import hookimpl
 from normkit.hookspecs import BackendInfo
 
 __all__ = [
+    "KERNELS_ENV",
+    "kernels_in_use",
     "normkit_backend_info",
     "normkit_batch_norm",
     "normkit_instance_norm",
     "normkit_layer_norm",
     "numpy_dtype",
+    "use_kernels",
 ]
+
+KERNELS_ENV = "NORMKIT_NUMPY_KERNELS"
+"""Environment variable choosing the NumPy backend's kernels: ``auto``, ``compiled`` or ``pure``."""
+
+_KERNEL_CHOICES = ("auto", "compiled", "pure")
+_compiled: ModuleType | None = None
+_resolved = False
+
+
+def use_kernels(choice: str) -> str:
+    """Use the ``"compiled"`` kernels, the ``"pure"`` NumPy ones, or ``"auto"`` (compiled when
+    numba is installed); returns the kernels now in use. The first NumPy op calls this with
+    ``$NORMKIT_NUMPY_KERNELS`` (default ``auto``).
+
+    :raises ValueError: for another choice.
+    :raises ModuleNotFoundError: for ``"compiled"`` without numba.
+    """
+    global _compiled, _resolved
+    if choice not in _KERNEL_CHOICES:
+        raise ValueError(
+            f"kernels={choice!r} (from ${KERNELS_ENV} or use_kernels): expected one of {_KERNEL_CHOICES}"
+        )
+    compiled = None
+    if choice != "pure":
+        try:
+            from normkit import _numpy_compiled as compiled
+        except ImportError as error:
+            if choice == "compiled":
+                raise ModuleNotFoundError(
+                    f"the compiled NumPy kernels need numba ({error}); install normkit[fast], or set "
+                    f"{KERNELS_ENV}=pure"
+                ) from error
+    _compiled, _resolved = compiled, True
+    return kernels_in_use()
+
+
+def kernels_in_use() -> str:
+    """``"compiled"`` or ``"pure"``: the kernels the NumPy backend runs (resolving
+    ``$NORMKIT_NUMPY_KERNELS`` if no op has yet)."""
+    _glue()
+    return "pure" if _compiled is None else "compiled"
+
+
+def _glue() -> ModuleType | None:
+    """The compiled path's glue module, or ``None`` for the pure path."""
+    if not _resolved:
+        use_kernels(os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto")
+    return _compiled
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -155,10 +219,11 @@ def _normalize_with_running_stats(
     bias: np.ndarray | None,
     eps: float,
     axis: int,
+    out: np.ndarray | None,
 ) -> np.ndarray:
     shape = _channel_shape(x.ndim, axis, x.shape[axis])
     cdt = kernels.compute_dtype(x.dtype)
-    out = np.empty(x.shape, dtype=cdt)
+    y = out if out is not None and out.dtype == cdt else np.empty(x.shape, dtype=cdt)
     kernels.eval_scale_shift(
         x,
         _per_channel(running_mean, shape),
@@ -166,9 +231,18 @@ def _normalize_with_running_stats(
         eps,
         _per_channel(weight, shape),
         _per_channel(bias, shape),
-        out,
+        y,
     )
-    return out.astype(x.dtype, copy=False)
+    return _into(y, x, out)
+
+
+def _into(y: np.ndarray, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``y`` in ``x``'s dtype, written into ``out`` when given."""
+    if out is None:
+        return y.astype(x.dtype, copy=False)
+    if y is not out:
+        np.copyto(out, y, casting="unsafe")
+    return out
 
 
 def _channel_norm(
@@ -183,15 +257,28 @@ def _channel_norm(
     axis: int,
     unbiased_running_var: bool,
     per_instance: bool,
+    out: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Batch norm (statistics per channel) or instance norm (per sample and channel; the
     running statistics then take the mean over the batch of the per-instance ones)."""
+    glue = _glue()
+    axis %= x.ndim
     if not use_batch_stats:
-        y = _normalize_with_running_stats(x, running_mean, running_var, weight, bias, eps, axis)
+        y = None
+        if glue is not None:
+            y = glue.channel_eval(x, running_mean, running_var, weight, bias, eps, axis, out)
+        if y is None:
+            y = _normalize_with_running_stats(x, running_mean, running_var, weight, bias, eps, axis, out)
         return y, running_mean, running_var
-    first = 1 if per_instance else 0
-    axes = tuple(a for a in range(first, x.ndim) if a != axis)
-    y, mean, var, n = _normalize_with_batch_stats(x, axes, axis, weight, bias, eps)
+    result = None if glue is None else glue.channel_train(x, weight, bias, eps, axis, per_instance, out)
+    if result is None:
+        first = 1 if per_instance else 0
+        axes = tuple(a for a in range(first, x.ndim) if a != axis)
+        y, mean, var, n = _normalize_with_batch_stats(x, axes, axis, weight, bias, eps)
+        if out is not None:
+            y = _into(y, x, out)
+    else:
+        y, mean, var, n = result
     if running_mean is None or running_var is None:
         return y, None, None
     if unbiased_running_var:
@@ -207,38 +294,47 @@ def _channel_norm(
 
 @hookimpl
 def normkit_batch_norm(
-    x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    training,
+    momentum,
+    eps,
+    axis,
+    unbiased_running_var,
+    *,
+    out=None,
 ):
     return _channel_norm(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var, False
-    )
+        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var,
+        False, out,
+    )  # fmt: skip
 
 
 @hookimpl
 def normkit_instance_norm(
-    x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis, unbiased_running_var
-):
+    x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis, unbiased_running_var,
+    *, out=None,
+):  # fmt: skip
     return _channel_norm(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        use_input_stats,
-        momentum,
-        eps,
-        axis,
-        unbiased_running_var,
-        True,
-    )
+        x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis,
+        unbiased_running_var, True, out,
+    )  # fmt: skip
 
 
 @hookimpl
-def normkit_layer_norm(x, weight, bias, axes, eps):
+def normkit_layer_norm(x, weight, bias, axes, eps, *, out=None):
+    glue = _glue()
+    if glue is not None:
+        y = glue.layer_norm(x, weight, bias, tuple(axes), eps, out)
+        if y is not None:
+            return y
     shape, view_axes, _, d, shift, mean, var = _batch_statistics(x, tuple(axes))
     param_shape = [shape[a] if a in view_axes else 1 for a in range(len(shape))]
     cdt = d.dtype
     w = None if weight is None else np.asarray(weight, dtype=cdt).reshape(param_shape)
     b = None if bias is None else np.asarray(bias, dtype=cdt).reshape(param_shape)
     y = kernels.normalize_elementwise(d, shift, mean, var, eps, w, b)
-    return y.reshape(x.shape).astype(x.dtype, copy=False)
+    return _into(y.reshape(x.shape), x, out)

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 import normkit
 from normkit import hookspecs
-from normkit._registry import OPS, backend_named, load_backend
+from normkit._registry import OPS, backend_named, load_backend, takes_out
 from normkit.numpy_backend import numpy_dtype
 from normkit.testing import strategies
 from normkit.testing.cases import CASES, Case
@@ -76,9 +76,48 @@ class ConformanceTests:
             kernel = getattr(backend, op)
             if kernel.__name__ == f"missing_{op}":
                 continue
-            assert list(inspect.signature(kernel).parameters) == spec, (
-                f"{op}: parameters differ from the spec"
-            )
+            parameters = [name for name in inspect.signature(kernel).parameters if name != "out"]
+            assert parameters == spec, f"{op}: parameters differ from the spec"
+
+    @pytest.mark.parametrize(
+        ("op", "training"),
+        [("batch_norm", True), ("batch_norm", False), ("instance_norm", True), ("instance_norm", False),
+         ("layer_norm", True)],
+    )  # fmt: skip
+    @pytest.mark.parametrize("in_place", [False, True], ids=["out", "out-is-x"])
+    def test_out_receives_exactly_y(
+        self, op: str, training: bool, in_place: bool, pytestconfig: pytest.Config
+    ) -> None:
+        """``out=`` returns ``out`` holding exactly the ``y`` of the same call without it (and the
+        same running statistics), also when ``out`` is ``x``; a backend whose kernel takes no
+        ``out`` refuses it with a TypeError."""
+        info = load_backend(self.backend)
+        dtype = "float32" if "float32" in info.dtypes else info.dtypes[-1]
+        rng = np.random.default_rng(7)
+        x_np = rng.normal(3.0, 2.0, size=(4, 3, 5, 6))
+
+        def call(**extra: Any) -> tuple[Any, ...]:
+            x = extra.pop("x") if "x" in extra else self._asarray(x_np, dtype, pytestconfig)
+            if op == "layer_norm":
+                return (normkit.layer_norm(x, (5, 6), backend=self.backend, **extra),)
+            stats = [self._asarray(np.full(3, v), "float32", pytestconfig) for v in (0.5, 2.0)]
+            function = normkit.batch_norm if op == "batch_norm" else normkit.instance_norm
+            flag = {"training": training} if op == "batch_norm" else {"use_input_stats": training}
+            return tuple(function(x, *stats, backend=self.backend, **flag, **extra))
+
+        sample = self._asarray(x_np, dtype, pytestconfig)
+        kernel = getattr(backend_named(self.backend, sample), op)
+        if not takes_out(kernel):
+            with pytest.raises(TypeError, match="out="):
+                call(out=sample)
+            return
+        expected = [info.to_numpy(a) for a in call()]
+        x = self._asarray(x_np, dtype, pytestconfig)
+        out = x if in_place else self._asarray(np.full(x_np.shape, np.nan), dtype, pytestconfig)
+        got = call(x=x, out=out)
+        assert got[0] is out
+        for e, g in zip(expected, got, strict=True):
+            np.testing.assert_array_equal(info.to_numpy(g), e)
 
     def test_random_cases_agree_with_the_reference(self, pytestconfig: pytest.Config) -> None:
         info = load_backend(self.backend)

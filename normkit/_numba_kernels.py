@@ -1,0 +1,283 @@
+r"""Compiled (numba) kernels behind the NumPy backend: the fast path of ``normkit[fast]``.
+
+Imported on the first NumPy op that can use them, never by ``import normkit``. The glue in
+:mod:`normkit.numpy_backend` brings every supported call to one of two layouts of a
+C-contiguous array in the compute dtype (float32 or float64; float16 is upcast first):
+
+* **rows** ``(G, A, C, B)``: a statistics group ``(g, c)`` is ``A`` contiguous rows of
+  length ``B`` (batch norm channels-first has ``G = 1``, ``A = N``, ``B = H·W``; instance
+  norm channels-first has ``G = N``, ``A = 1``; layer norm is ``(R, 1, 1, K)``).
+* **columns** ``(G, A, C)``: a group ``(g, c)`` is column ``c`` of the ``A × C`` matrix of
+  sample ``g`` (channels-last batch norm ``G = 1``, ``A = N·H·W``).
+
+Statistics (the same numerics in both layouts):
+
+1. The group is cut into blocks (:data:`ROW_BLOCK` consecutive values of a row, or
+   :func:`column_block_rows` rows of the matrix). A block is small enough to stay in the L1
+   cache, so reading it twice costs no memory traffic.
+2. Per block, in the compute dtype: a provisional mean :math:`s` (one pass), then the
+   corrected two-pass sums :math:`\sum d` and :math:`\sum d^2` of :math:`d = x - s`. The
+   block's mean is :math:`s + \bar d` and its sum of squared deviations
+   :math:`M_2 = \sum d^2 - (\sum d)^2/k` (:math:`\bar d` is a rounding-sized correction, so
+   nothing cancels; :math:`E[x^2]-E[x]^2` is never formed).
+3. Blocks merge in float64 by Chan et al.'s pairwise update:
+   :math:`\delta = \mu_b - \mu`, :math:`\mu \mathrel{+}= \delta\,k/(n+k)`,
+   :math:`M_2 \mathrel{+}= M_{2,b} + \delta^2\,n k/(n+k)`, :math:`n \mathrel{+}= k`.
+
+The output is :math:`y = (x - s)\,a + b` per group, with :math:`s` the mean rounded to the
+compute dtype, :math:`a = \gamma/\sqrt{\sigma^2+\epsilon}` (0 for a constant group, which so
+gives exactly :math:`\beta`) and :math:`b = \beta - (\mu - s)\,a`. In the rows layout the
+group is normalized right after its statistics, while it is still in the L2 cache, so a
+channels-first batch norm reads ``x`` from memory once and writes ``y`` once.
+
+Loops are compiled with ``fastmath`` limited to reassociation and contraction (vectorized
+sums, fused multiply-adds); NaN and infinity propagate as in the pure-NumPy path. The
+compiled functions are cached on disk (numba's ``cache=True``), so a new process loads
+rather than recompiles them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+__all__ = [
+    "COLUMN_BLOCK_BYTES",
+    "ROW_BLOCK",
+    "affine_columns",
+    "affine_rows",
+    "column_block_rows",
+    "column_statistics",
+    "layer_norm_rows",
+    "normalize_rows",
+]
+
+FASTMATH = {"reassoc", "nsz"}
+"""For the sums only (so that they vectorize): no ``nnan``/``ninf``, so NaN and infinity
+propagate. The output loops are compiled without fastmath, so ``y = (x - s)·a + b`` rounds the
+same in every layout and loop remainder."""
+
+ROW_BLOCK = 512
+"""Values of a row summed in the compute dtype (in vector lanes) before a float64 merge."""
+
+COLUMN_BLOCK_BYTES = 131072
+"""Bytes of rows a columns-layout block spans (it is read twice, from the L2 cache)."""
+
+
+def column_block_rows(columns: int, itemsize: int) -> int:
+    """Rows per block in the columns layout: about :data:`COLUMN_BLOCK_BYTES`, from 16 to 256."""
+    return max(16, min(256, COLUMN_BLOCK_BYTES // max(1, columns * itemsize)))
+
+
+_reduction = numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+_jit = numba.njit(cache=True, nogil=True)
+_parallel = numba.njit(cache=True, nogil=True, parallel=True)
+
+
+@_jit
+def _moments64(values):
+    """Two-pass mean and sum of squared deviations of the 1-D ``values``, in float64: the
+    fallback for a block whose float32 squares overflow."""
+    total = 0.0
+    for i in range(values.shape[0]):
+        total += np.float64(values[i])
+    mean = total / values.shape[0]
+    m2 = 0.0
+    for i in range(values.shape[0]):
+        d = np.float64(values[i]) - mean
+        m2 += d * d
+    return mean, m2
+
+
+@_reduction
+def _merge_row(row, n, mean, m2):
+    """Merge the statistics of the contiguous 1-D ``row`` into the float64 ``(n, mean, m2)``."""
+    cast = row.dtype.type
+    zero = cast(0.0)
+    for start in range(0, row.shape[0], ROW_BLOCK):
+        block = row[start : start + ROW_BLOCK]  # a slice: loops over range(k) vectorize
+        k = block.shape[0]
+        total = zero
+        for i in range(k):
+            total += block[i]
+        shift = total / cast(k)  # compute dtype (k <= ROW_BLOCK is exact)
+        s1 = zero
+        s2 = zero
+        for i in range(k):
+            d = block[i] - shift
+            s1 += d
+            s2 += d * d
+        if math.isfinite(s2):
+            block_mean = np.float64(shift) + np.float64(s1) / k
+            block_m2 = np.float64(s2) - np.float64(s1) * np.float64(s1) / k
+        else:  # float32 squares overflowed (|x| beyond about 1e19), or x holds inf/NaN
+            block_mean, block_m2 = _moments64(block)
+        merged = n + k
+        delta = block_mean - mean
+        mean += delta * (k / merged)
+        m2 += block_m2 + delta * delta * (n * k / merged)
+        n = merged
+    return n, mean, m2
+
+
+@_jit
+def _scale_shift(mean, var, eps, gamma, beta, rounded):
+    """``(a, b)`` in float64 for ``y = (x - rounded) * a + b`` where ``rounded`` is the mean in the
+    compute dtype; ``a = 0`` for a constant group."""
+    a = 0.0 if var == 0.0 else gamma / math.sqrt(var + eps)
+    return a, beta - (mean - np.float64(rounded)) * a
+
+
+@_parallel
+def normalize_rows(x, weight, bias, eps, y, mean, var):
+    """Batch or instance norm with batch statistics in the rows layout ``(G, A, C, B)``.
+
+    Writes ``y`` (same layout and dtype; may be ``x`` itself) and the float64 ``mean`` and biased
+    ``var`` of shape ``(G, C)``. ``weight``/``bias`` are float64 ``(C,)``.
+    """
+    cast = x.dtype.type
+    groups, rows, channels, _ = x.shape
+    for task in numba.prange(groups * channels):
+        g = task // channels
+        c = task % channels
+        n = 0.0
+        mu = 0.0
+        m2 = 0.0
+        for r in range(rows):
+            n, mu, m2 = _merge_row(x[g, r, c], n, mu, m2)
+        sigma2 = max(m2 / n, 0.0)
+        mean[g, c] = mu
+        var[g, c] = sigma2
+        s = cast(mu)
+        a, b = _scale_shift(mu, sigma2, eps, weight[c], bias[c], s)
+        a_c = cast(a)
+        b_c = cast(b)
+        for r in range(rows):
+            src = x[g, r, c]
+            dst = y[g, r, c]
+            for i in range(src.shape[0]):
+                dst[i] = (src[i] - s) * a_c + b_c
+
+
+@_parallel
+def affine_rows(x, shift, scale, offset, y):
+    """``y = (x - shift[c]) * scale[c] + offset[c]`` on the rows layout ``(M, C, B)`` (eval);
+    ``shift``/``scale``/``offset`` have the compute dtype. ``y`` may be ``x``."""
+    outer, channels, _ = x.shape
+    for task in numba.prange(outer * channels):
+        m = task // channels
+        c = task % channels
+        src = x[m, c]
+        dst = y[m, c]
+        s = shift[c]
+        a = scale[c]
+        b = offset[c]
+        for i in range(src.shape[0]):
+            dst[i] = (src[i] - s) * a + b
+
+
+@_reduction
+def _column_block(block, shift, s1, s2):
+    """Two-pass sums of the rows of ``block`` (a slice of the ``(A, C)`` matrix): the provisional
+    means into ``shift`` and the sums of ``d`` and ``d²`` into ``s1``, ``s2`` (compute dtype)."""
+    cast = block.dtype.type
+    zero = cast(0.0)
+    rows, channels = block.shape
+    for c in range(channels):
+        shift[c] = zero
+    for r in range(rows):
+        row = block[r]
+        for c in range(channels):
+            shift[c] += row[c]
+    inverse = cast(1.0) / cast(rows)
+    for c in range(channels):
+        shift[c] *= inverse
+        s1[c] = zero
+        s2[c] = zero
+    for r in range(rows):
+        row = block[r]
+        for c in range(channels):
+            d = row[c] - shift[c]
+            s1[c] += d
+            s2[c] += d * d
+
+
+@_parallel
+def column_statistics(x, parts, block_rows):
+    """Per-part statistics of the columns layout ``(G, A, C)``: each sample's rows are cut
+    into ``parts`` ranges; returns float64 ``(G, parts, 3, C)`` holding, per range and column,
+    the count, the mean and the sum of squared deviations (merge them with
+    :func:`merge_parts`)."""
+    groups, rows, channels = x.shape
+    result = np.zeros((groups, parts, 3, channels))
+    for task in numba.prange(groups * parts):
+        g = task // parts
+        p = task % parts
+        first = p * rows // parts
+        last = (p + 1) * rows // parts
+        shift = np.empty(channels, x.dtype)
+        s1 = np.empty(channels, x.dtype)
+        s2 = np.empty(channels, x.dtype)
+        mean = result[g, p, 1]
+        m2 = result[g, p, 2]
+        n = 0.0
+        for start in range(first, last, block_rows):
+            block = x[g, start : min(start + block_rows, last)]
+            _column_block(block, shift, s1, s2)
+            k = block.shape[0]
+            merged = n + k
+            inv_k = 1.0 / k
+            w_mean = k / merged
+            w_m2 = n * k / merged
+            for c in range(channels):
+                d1 = np.float64(s1[c])
+                block_mean = np.float64(shift[c]) + d1 * inv_k
+                block_m2 = np.float64(s2[c]) - d1 * d1 * inv_k
+                if not math.isfinite(block_m2):  # float32 squares overflowed, or inf/NaN
+                    block_mean, block_m2 = _moments64(block[:, c])
+                delta = block_mean - mean[c]
+                mean[c] += delta * w_mean
+                m2[c] += block_m2 + delta * delta * w_m2
+            n = merged
+        result[g, p, 0, :] = n
+    return result
+
+
+@_parallel
+def affine_columns(x, shift, scale, offset, y, parts):
+    """``y = (x - shift) * scale + offset`` on the columns layout ``(G, A, C)`` with per-sample,
+    per-column coefficients ``(G, C)`` in the compute dtype, in ``parts`` row ranges per
+    sample. ``y`` may be ``x``."""
+    groups, rows, channels = x.shape
+    for task in numba.prange(groups * parts):
+        g = task // parts
+        p = task % parts
+        s = shift[g]
+        a = scale[g]
+        b = offset[g]
+        for r in range(p * rows // parts, (p + 1) * rows // parts):
+            src = x[g, r]
+            dst = y[g, r]
+            for c in range(channels):
+                dst[c] = (src[c] - s[c]) * a[c] + b[c]
+
+
+@_parallel
+def layer_norm_rows(x, weight, bias, eps, y):
+    """Layer norm over each row of the ``(R, K)`` matrix ``x``: ``y = (x - μ)/√(σ²+ε)·γ + β`` with
+    element-wise ``weight``/``bias`` ``(K,)`` in the compute dtype. ``y`` may be ``x``."""
+    cast = x.dtype.type
+    rows, size = x.shape
+    for r in numba.prange(rows):
+        src = x[r]
+        dst = y[r]
+        n, mu, m2 = _merge_row(src, 0.0, 0.0, 0.0)
+        sigma2 = max(m2 / n, 0.0)
+        inverse = 0.0 if sigma2 == 0.0 else 1.0 / math.sqrt(sigma2 + eps)
+        s = cast(mu)
+        correction = cast((mu - np.float64(s)) * inverse)
+        inv = cast(inverse)
+        for i in range(size):
+            dst[i] = ((src[i] - s) * inv - correction) * weight[i] + bias[i]

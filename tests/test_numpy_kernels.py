@@ -1,0 +1,105 @@
+"""Both NumPy kernel paths, compiled and pure, against the float64 reference on inputs that reach
+every layout of the compiled kernels (see :mod:`normkit._numpy_compiled`): channels-first rows
+(with a tail shorter than a block), columns (channels-last, ``(N, C)``, several row ranges and
+blocks), instance norm in both, layer norm over one and several trailing axes, float16/float64,
+constant channels and large offsets. The conformance suite covers the spec's cases on top."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from normkit import numpy_backend
+from normkit.testing.cases import Case
+from normkit.testing.runner import run_case
+
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+PATHS = [
+    pytest.param("compiled", marks=pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")),
+    "pure",
+]
+
+BN, IN, LN = "batch_norm", "instance_norm", "layer_norm"
+STEPS = ("train", "train", "eval")
+LAYOUT_CASES = [
+    Case("rows", BN, (6, 5, 8, 8), loc=3.0, purpose="channels-first rows of 64"),
+    Case("rows-tail-offset", BN, (3, 4, 700), loc=1e4, purpose="rows of 512 + 188 values at a 1e4 offset"),
+    Case("rows-float16", BN, (6, 5, 8, 8), dtype="float16", loc=50.0),
+    Case("rows-float64", BN, (6, 5, 8, 8), dtype="float64", loc=1e4),
+    Case("rows-constant", BN, (6, 5, 8, 8), constant_channel=2, loc=7.0),
+    Case("columns-nhwc", BN, (8, 6, 6, 5), options={"axis": -1}, loc=2.0),
+    Case("columns-many-parts", BN, (4096, 7), loc=1e4, purpose="16 blocks of 256 rows in 8 ranges"),
+    Case("columns-wide", BN, (300, 1024), loc=1.0, purpose="blocks of 32 rows"),
+    Case("columns-short-inner", BN, (16, 3, 4, 5), loc=5.0, purpose="channels-first, 20 values per row"),
+    Case("columns-constant", BN, (64, 6), constant_channel=4, loc=-3.0),
+    Case("columns-float16", BN, (512, 6), dtype="float16", loc=100.0),
+    Case("columns-float64", BN, (512, 6), dtype="float64", loc=1e4),
+    Case("instance-rows", IN, (4, 3, 40), options={"affine": True}, loc=1e4),
+    Case("instance-columns", IN, (4, 10, 10, 3), options={"axis": -1, "affine": True}, loc=2.0),
+    Case("instance-tracked", IN, (4, 3, 9, 9), options={"track_running_stats": True}, steps=STEPS),
+    Case("layer-rows", LN, (8, 1500), loc=1e4, purpose="rows of 512 + 512 + 476"),
+    Case("layer-two-axes", LN, (4, 6, 70), options={"normalized_shape": (6, 70)}),
+    Case("layer-float16", LN, (8, 640), dtype="float16", loc=300.0),
+    Case("layer-noncontiguous", LN, (4, 50), noncontiguous=True, loc=3.0),
+    Case("bn-noncontiguous-rows", BN, (4, 3, 40), noncontiguous=True, loc=3.0),
+]
+
+
+@pytest.fixture(params=PATHS)
+def kernels(request: pytest.FixtureRequest) -> str:
+    before = numpy_backend.kernels_in_use()
+    yield numpy_backend.use_kernels(request.param)
+    numpy_backend.use_kernels(before)
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda case: case.id)
+def test_every_layout_matches_the_reference(case: Case, kernels: str) -> None:
+    result = run_case(case, "numpy", None, raise_errors=True)
+    assert result.skipped is None
+    assert result.passed, result.report()
+
+
+def test_an_unknown_kernel_choice_names_the_variable() -> None:
+    with pytest.raises(
+        ValueError, match=r"kernels='fastest'.*NORMKIT_NUMPY_KERNELS.*'auto', 'compiled', 'pure'"
+    ):
+        numpy_backend.use_kernels("fastest")
+
+
+def _kernels_in_a_fresh_process(env_value: str, block_numba: bool = False) -> subprocess.CompletedProcess:
+    code = (
+        ("import sys; sys.modules['numba'] = None\n" if block_numba else "")
+        + "import numpy as np, normkit\n"
+        + "from normkit import numpy_backend\n"
+        + "normkit.batch_norm(np.ones((4, 3), np.float32), training=True)\n"
+        + "print(numpy_backend.kernels_in_use())\n"
+    )
+    env = {"NORMKIT_NUMPY_KERNELS": env_value, "PATH": "", "PYTHONHASHSEED": "0"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize(
+    ("value", "block_numba", "expected"),
+    [
+        ("pure", False, "pure"),
+        ("auto", True, "pure"),
+        pytest.param("auto", False, "compiled", marks=pytest.mark.skipif(not HAS_NUMBA, reason="no numba")),
+        pytest.param(
+            "compiled", False, "compiled", marks=pytest.mark.skipif(not HAS_NUMBA, reason="no numba")
+        ),
+    ],
+)
+def test_the_environment_variable_chooses_the_kernels(value: str, block_numba: bool, expected: str) -> None:
+    process = _kernels_in_a_fresh_process(value, block_numba)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.strip() == expected
+
+
+def test_compiled_without_numba_is_a_clear_error() -> None:
+    process = _kernels_in_a_fresh_process("compiled", block_numba=True)
+    assert process.returncode != 0
+    assert "the compiled NumPy kernels need numba" in process.stderr
+    assert "normkit[fast]" in process.stderr and "NORMKIT_NUMPY_KERNELS=pure" in process.stderr
