@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ import normkit
 from normkit import bench_baselines as baselines
 from normkit._registry import load_backend
 
-__all__ = ["WORKLOADS", "BenchResult", "Workload", "run_bench"]
+__all__ = ["WORKLOADS", "BenchResult", "Workload", "format_startup", "measure_startup", "run_bench"]
 
 
 @dataclass(frozen=True)
@@ -169,39 +170,68 @@ def run_bench(
         }
         framework = baselines.framework_of(backend)
         op = baselines.compiled(framework, _normkit_op(workload, mode, backend, params))
-        calls = {"normkit": lambda op=op, x=x: op(x), "floor": baselines.floor(framework, x)}
+        variants = _kernel_variants(backend, op)
+        calls = {name: lambda op=op, x=x: op(x) for name, op in variants.items()}
+        calls["floor"] = baselines.floor(framework, x)
         natives = baselines.build_natives(backend, workload, mode, x, x_np)
         calls.update(natives)
         times = _time_interleaved(calls, rounds, workload.repeats)
-        common = {
-            "workload": workload.name,
-            "shape": workload.shape,
-            "dtype": workload.dtype,
-            "mode": mode,
-            "backend": backend,
-            "normkit_ms": statistics.median(times["normkit"]),
-            "floor_ms": statistics.median(times["floor"]),
-            "ratio_to_floor": _median_ratio(times["normkit"], times["floor"]),
-            "noise": _noise(times["floor"]),
-            "rounds": rounds,
-            "extra": baselines.settings(framework)
-            | baselines.device_bandwidth(framework, x, statistics.median(times["normkit"]) / 1e3),
-        }
-        if not natives:
-            results.append(
-                BenchResult(native=None, native_ms=None, ratio_to_native=None, overhead_us=None, **common)
-            )
-        for name in natives:
-            results.append(
-                BenchResult(
-                    native=name,
-                    native_ms=statistics.median(times[name]),
-                    ratio_to_native=_median_ratio(times["normkit"], times[name]),
-                    overhead_us=_median_difference_us(times["normkit"], times[name]),
-                    **common,
+        for variant in variants:
+            mine = times[variant]
+            common = {
+                "workload": workload.name,
+                "shape": workload.shape,
+                "dtype": workload.dtype,
+                "mode": mode,
+                "backend": variant,
+                "normkit_ms": statistics.median(mine),
+                "floor_ms": statistics.median(times["floor"]),
+                "ratio_to_floor": _median_ratio(mine, times["floor"]),
+                "noise": _noise(times["floor"]),
+                "rounds": rounds,
+                "extra": baselines.settings(framework)
+                | baselines.device_bandwidth(framework, x, statistics.median(mine) / 1e3),
+            }
+            if not natives:
+                results.append(
+                    BenchResult(native=None, native_ms=None, ratio_to_native=None, overhead_us=None, **common)
                 )
-            )
+            for name in natives:
+                results.append(
+                    BenchResult(
+                        native=name,
+                        native_ms=statistics.median(times[name]),
+                        ratio_to_native=_median_ratio(mine, times[name]),
+                        overhead_us=_median_difference_us(mine, times[name]),
+                        **common,
+                    )
+                )
     return results
+
+
+def _kernel_variants(backend: str, op: Callable[[Any], Any]) -> dict[str, Callable[[Any], Any]]:
+    """The implementations of a backend to time: for the NumPy backend with numba installed, its
+    compiled kernels as ``numpy`` and its pure-NumPy ones as ``numpy-pure``, each call switching
+    to its kernels (so both pay the same switch); otherwise the backend itself."""
+    if backend != "numpy":
+        return {backend: op}
+    from normkit import numpy_backend
+
+    available = ["pure"]
+    try:
+        numpy_backend.use_kernels("compiled")
+        available.insert(0, "compiled")
+    except ModuleNotFoundError:
+        numpy_backend.use_kernels("pure")
+
+    def using(kernels: str) -> Callable[[Any], Any]:
+        def call(x: Any) -> Any:
+            numpy_backend.use_kernels(kernels)
+            return op(x)
+
+        return call
+
+    return {("numpy" if k == "compiled" else "numpy-pure"): using(k) for k in available}
 
 
 def format_table(results: list[BenchResult], markdown: bool = False) -> str:
@@ -281,8 +311,8 @@ def write_plot(results: list[BenchResult], path: str) -> None:
     plt.close(figure)
 
 
-def write_json(results: list[BenchResult], path: str) -> None:
-    """Save the results with the machine they ran on."""
+def write_json(results: list[BenchResult], path: str, startup: dict[str, Any] | None = None) -> None:
+    """Save the results (and the startup measurements) with the machine they ran on."""
     import os
     import platform
 
@@ -295,6 +325,74 @@ def write_json(results: list[BenchResult], path: str) -> None:
         "numpy": np.__version__,
         "normkit": normkit.__version__,
         "results": [asdict(r) for r in results],
+        "startup": startup,
     }
     with open(path, "w") as handle:
         json.dump(payload, handle, indent=2)
+
+
+_FIRST_CALL = """
+import sys, time
+import numpy as np
+x = np.random.default_rng(0).standard_normal({shape}).astype(np.float32)
+start = time.perf_counter()
+import normkit
+{call}
+print(time.perf_counter() - start)
+"""
+
+FIRST_CALLS = {
+    "batch_norm train (32, 64, 56, 56)": "normkit.batch_norm(x, np.zeros(64, np.float32), np.ones(64, np.float32), training=True)",
+    "batch_norm eval (32, 64, 56, 56)": "normkit.batch_norm(x, np.zeros(64, np.float32), np.ones(64, np.float32))",
+    "batch_norm train channels-last (32, 56, 56, 64)": "normkit.batch_norm(x.reshape(32, 56, 56, 64), training=True, axis=-1)",
+    "layer_norm (32, 64, 56, 56) over 56": "normkit.layer_norm(x, 56)",
+}
+"""The first NumPy op of a fresh process, timed from ``import normkit`` to its result."""
+
+HEAVY_MODULES = ("numba", "llvmlite", "torch", "tensorflow", "keras", "cupy", "jax", "matplotlib")
+
+
+def _python(code: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+
+
+def measure_startup(runs: int = 5) -> dict[str, Any]:
+    """What a new process pays: ``python -X importtime -c "import normkit"`` (cumulative
+    milliseconds of normkit's line, median of ``runs``), the heavy modules that import brings
+    in (none is the goal), and the first call of each of :data:`FIRST_CALLS` in a fresh process
+    with a warm numba cache (each is run once first to fill the cache; median of ``runs``)."""
+    import_ms = []
+    for _ in range(runs):
+        lines = _python("import normkit", "-X", "importtime").stderr.splitlines()
+        line = next(line for line in lines if line.rstrip().endswith("| normkit"))
+        import_ms.append(int(line.split("|")[1]) / 1e3)
+    listing = "import sys, normkit; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    loaded = set(_python(listing).stdout.split())
+    first_call_s = {}
+    for name, call in FIRST_CALLS.items():
+        code = _FIRST_CALL.format(shape=(32, 64, 56, 56), call=call)
+        _python(code)  # fills the compilation cache if it is cold
+        first_call_s[name] = statistics.median(float(_python(code).stdout) for _ in range(runs))
+    from normkit import numpy_backend
+
+    return {
+        "import_normkit_ms": statistics.median(import_ms),
+        "import_normkit_ms_runs": import_ms,
+        "heavy_modules_imported": sorted(loaded.intersection(HEAVY_MODULES)),
+        "numpy_kernels": numpy_backend.planned_kernels(),
+        "first_call_s": first_call_s,
+    }
+
+
+def format_startup(startup: dict[str, Any]) -> str:
+    """The startup measurements as lines of text."""
+    runs = ", ".join(f"{ms:.0f}" for ms in startup["import_normkit_ms_runs"])
+    lines = [
+        f"import normkit: {startup['import_normkit_ms']:.0f} ms cumulative (python -X importtime; runs: {runs})",
+        f"modules it imports among {', '.join(HEAVY_MODULES)}: {', '.join(startup['heavy_modules_imported']) or 'none'}",
+        f"first call in a fresh process, warm cache, NumPy kernels {startup['numpy_kernels']}:",
+    ]
+    lines += [f"  {name}: {seconds:.3f} s" for name, seconds in startup["first_call_s"].items()]
+    return "\n".join(lines)

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 
 import normkit
+from normkit import numpy_backend
 from normkit._registry import AUTOLOAD_ENV, BLOCK_ENV, registry
 
 __all__ = ["main"]
@@ -49,6 +50,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"autoload: {'on' if reg.autoload else 'off'} ({AUTOLOAD_ENV}={os.environ.get(AUTOLOAD_ENV, '')!r})"
     )
     print(f"blocked:  {', '.join(sorted(reg.blocked)) or 'none'} ({BLOCK_ENV})")
+    print(f"numpy kernels: {numpy_backend.planned_kernels()} (choose with {numpy_backend.KERNELS_ENV})")
     print()
     loaded = set(reg.loaded())
     numpy_status = "loaded (built in)" if "numpy" in loaded else f"blocked by {BLOCK_ENV}"
@@ -104,7 +106,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from normkit.bench import WORKLOADS, format_table, run_bench, write_json, write_plot
+    from normkit.bench import (
+        WORKLOADS,
+        format_startup,
+        format_table,
+        measure_startup,
+        run_bench,
+        write_json,
+        write_plot,
+    )
     from normkit.check import available_backends
 
     workloads = tuple(w for w in WORKLOADS if not args.workload or w.name in args.workload)
@@ -131,8 +141,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if interactive:
         print("\r\033[K", end="", file=sys.stderr)
     print(format_table(results, markdown=args.markdown))
+    startup = None
+    if args.startup:
+        progress("startup: import time and first calls in fresh processes")
+        startup = measure_startup()
+        print()
+        print(format_startup(startup))
     if args.json:
-        write_json(results, args.json)
+        write_json(results, args.json, startup)
         print(f"\nresults written to {args.json}")
     if args.plot:
         write_plot(results, args.plot)
@@ -175,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", default=None, help="also plot time / floor per workload to this PNG (matplotlib)"
     )
     bench.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    bench.add_argument(
+        "--startup",
+        action="store_true",
+        help="also time `import normkit` and each op's first call in a fresh process (warm numba cache)",
+    )
     bench.set_defaults(run=cmd_bench)
     return parser
 

@@ -38,6 +38,7 @@ __all__ = [
     "normkit_instance_norm",
     "normkit_layer_norm",
     "numpy_dtype",
+    "planned_kernels",
     "use_kernels",
 ]
 
@@ -81,6 +82,21 @@ def kernels_in_use() -> str:
     ``$NORMKIT_NUMPY_KERNELS`` if no op has yet)."""
     _glue()
     return "pure" if _compiled is None else "compiled"
+
+
+def planned_kernels() -> str:
+    """What the first NumPy op will use, found without importing numba: ``"compiled (numba X)"``,
+    or ``"pure (...)"`` with the reason (for ``normkit info``)."""
+    if _resolved:
+        return kernels_in_use()
+    choice = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if choice == "pure":
+        return "pure (as chosen)"
+    if importlib.util.find_spec("numba") is None:
+        return "pure (numba is not installed: pip install normkit[fast])"
+    from importlib.metadata import version
+
+    return f"compiled (numba {version('numba')})"
 
 
 def _glue() -> ModuleType | None:
