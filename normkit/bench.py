@@ -156,6 +156,19 @@ def run_bench(
 ) -> list[BenchResult]:
     """Time every workload and mode on every backend; see the module docstring."""
     jobs = [(w, m, b) for w in workloads for m in w.modes for b in backends]
+    from normkit import numpy_backend
+
+    kernels = numpy_backend.kernels_in_use() if "numpy" in backends else None
+    try:
+        return _run_jobs(jobs, rounds, progress)
+    finally:
+        if kernels is not None:
+            numpy_backend.use_kernels(kernels)  # the NumPy variants switch kernels per call
+
+
+def _run_jobs(
+    jobs: list[tuple[Workload, str, str]], rounds: int, progress: Callable[[str], None] | None
+) -> list[BenchResult]:
     results = []
     for index, (workload, mode, backend) in enumerate(jobs, 1):
         if progress:

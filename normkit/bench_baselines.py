@@ -66,10 +66,11 @@ def _torch(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
     if workload.op != "layer_norm" and workload.axis != 1:
         t = t.movedim(workload.axis, 1)  # logical NCHW view of channels-last memory
     size = workload.shape[-1] if workload.op == "layer_norm" else workload.channels
-    weight, bias = torch.ones(size, device=t.device), torch.zeros(size, device=t.device)
+    options = {"device": t.device, "dtype": t.dtype}
+    weight, bias = torch.ones(size, **options), torch.zeros(size, **options)
     if workload.op == "layer_norm":
         return lambda: F.layer_norm(t, (size,), weight, bias, 1e-5)
-    mean, var = torch.zeros(size, device=t.device), torch.ones(size, device=t.device)
+    mean, var = torch.zeros(size, **options), torch.ones(size, **options)
     training = mode == "train"
     if workload.op == "batch_norm":
         return lambda: F.batch_norm(t, mean, var, weight, bias, training, 0.1, 1e-5)
@@ -83,12 +84,13 @@ def _keras(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
     import tensorflow as tf
 
     axis = workload.axis % len(workload.shape)
+    dtype = workload.dtype  # float64 layers for float64 data (a float32 layer would cast it)
     if workload.op == "layer_norm":
-        layer = keras.layers.LayerNormalization(axis=-1, epsilon=1e-5)
+        layer = keras.layers.LayerNormalization(axis=-1, epsilon=1e-5, dtype=dtype)
     elif workload.op == "batch_norm":
-        layer = keras.layers.BatchNormalization(axis=axis, epsilon=1e-5)
+        layer = keras.layers.BatchNormalization(axis=axis, epsilon=1e-5, dtype=dtype)
     else:
-        layer = keras.layers.GroupNormalization(groups=-1, axis=axis, epsilon=1e-5)
+        layer = keras.layers.GroupNormalization(groups=-1, axis=axis, epsilon=1e-5, dtype=dtype)
     training = mode == "train"
     call = tf.function(lambda t: layer(t, training=training))
     return lambda: call(x)
@@ -109,8 +111,9 @@ def _tf_nn(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
     size = workload.shape[-1] if workload.op == "layer_norm" else workload.channels
     shape = [1] * rank
     shape[-1 if workload.op == "layer_norm" else axis] = size
-    gamma, beta = tf.ones(shape), tf.zeros(shape)
-    moving_mean, moving_var = tf.zeros(shape), tf.ones(shape)
+    dtype = x.dtype
+    gamma, beta = tf.ones(shape, dtype), tf.zeros(shape, dtype)
+    moving_mean, moving_var = tf.zeros(shape, dtype), tf.ones(shape, dtype)
     use_batch = mode == "train" or workload.op == "layer_norm"
 
     @tf.function

@@ -130,13 +130,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             print(message, file=sys.stderr, flush=True)
 
-    backends = args.backend or available_backends()
-    for name in backends:
+    backends = []
+    for name in args.backend or available_backends():
         try:
-            registry().info(name)
+            info = registry().info(name)
         except ValueError as error:
             print(f"normkit bench: {error}", file=sys.stderr)
             return 2
+        if info.devices:
+            backends.append(name)
+        else:
+            print(f"{name}: installed, but has no device on this machine (skipped)", file=sys.stderr)
     results = run_bench(backends, workloads, args.rounds, progress)
     if interactive:
         print("\r\033[K", end="", file=sys.stderr)

@@ -77,6 +77,16 @@ Purity
 Kernels are pure functions: they never write to ``x``, ``weight``, ``bias``,
 ``running_mean`` or ``running_var``, and return new running statistics instead. When the
 statistics are not updated the kernel returns the objects it was given.
+
+Output buffer (optional)
+------------------------
+A kernel may declare one more parameter after the spec's, keyword-only: ``*, out=None``. normkit
+passes ``out`` only when the caller gave one (``normkit.batch_norm(..., out=buf)``), after
+checking that it is an array of ``x``'s type, dtype, shape and device. The kernel must then
+write ``y`` into ``out`` and return ``out`` as ``y``, with exactly the values it returns without
+``out``; ``out`` may be ``x`` itself (normalizing in place, the one write to ``x`` allowed). A
+backend whose kernel has no ``out`` gets a ``TypeError`` naming it when a caller passes one.
+Conformance: ``ConformanceTests.test_out_receives_exactly_y``.
 """
 
 from __future__ import annotations

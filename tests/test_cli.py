@@ -82,7 +82,8 @@ def test_bench_reports_batch_norm_against_torch_and_the_floor(
     )
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("bn2d-nchw")]
-    assert [row[3] for row in rows] == ["train", "eval"]
+    variants = ["numpy", "numpy-pure"] if importlib.util.find_spec("numba") else ["numpy-pure"]
+    assert [(row[3], row[4]) for row in rows] == [(m, v) for m in ("train", "eval") for v in variants]
     results = json.loads(output.read_text())["results"]
     for result in results:
         assert result["native"] == "torch" and result["shape"] == [32, 64, 56, 56]
