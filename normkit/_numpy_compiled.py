@@ -24,6 +24,7 @@ import numba
 import numpy as np
 
 from normkit import _numba_kernels as kernels
+from normkit._numpy_kernels import finish_output
 
 __all__ = ["MIN_ROW", "channel_eval", "channel_train", "layer_norm", "merge_statistics"]
 
@@ -58,15 +59,6 @@ def _overlaps(out: np.ndarray, x: np.ndarray) -> bool:
     ``y`` element by element in place is safe; a shifted overlap is not)."""
     same = out.ctypes.data == x.ctypes.data and out.strides == x.strides
     return not same and np.may_share_memory(out, x)
-
-
-def _finish(y: np.ndarray, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-    """``y`` in ``x``'s dtype, in ``out`` when given."""
-    if out is None:
-        return y.astype(x.dtype, copy=False)
-    if y is not out:
-        np.copyto(out, y, casting="unsafe")
-    return out
 
 
 def _split(shape: tuple[int, ...], axis: int, first: int) -> tuple[int, int, int]:
@@ -154,7 +146,7 @@ def channel_train(
             mean,
             var,
         )
-        return _finish(y, x, out), mean, var, rows * inner
+        return finish_output(y, x, out), mean, var, rows * inner
     shape3 = (groups, rows, channels * inner)
     block_rows = kernels.column_block_rows(channels * inner, xc.itemsize)
     parts = _parts(rows, groups, block_rows)
@@ -170,7 +162,7 @@ def channel_train(
     kernels.affine_columns(
         xc.reshape(shape3), *(np.repeat(c, inner, axis=1) for c in (s, a, b)), y.reshape(shape3), parts
     )
-    return _finish(y, x, out), mean, var, rows * inner
+    return finish_output(y, x, out), mean, var, rows * inner
 
 
 def channel_eval(
@@ -200,7 +192,7 @@ def channel_eval(
         kernels.affine_columns(
             xc.reshape(shape3), *coefficients, y.reshape(shape3), _parts(rows, 1, block_rows)
         )
-    return _finish(y, x, out)
+    return finish_output(y, x, out)
 
 
 def layer_norm(
@@ -221,4 +213,4 @@ def layer_norm(
     b = np.zeros(size, xc.dtype) if bias is None else np.asarray(bias, dtype=xc.dtype).reshape(size)
     shape2 = (x.size // size, size)
     kernels.layer_norm_rows(xc.reshape(shape2), w, b, eps, y.reshape(shape2))
-    return _finish(y, x, out)
+    return finish_output(y, x, out)

@@ -35,6 +35,7 @@ __all__ = [
     "collapse_axes",
     "compute_dtype",
     "eval_scale_shift",
+    "finish_output",
     "normalize_centered",
     "normalize_elementwise",
     "sum64",
@@ -270,3 +271,13 @@ def normalize_elementwise(
     if bias is not None:
         np.add(d, bias, out=d)
     return d
+
+
+def finish_output(y: np.ndarray, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``y`` (compute dtype) as the op's result: in ``x``'s dtype, written into ``out`` when given
+    (unless it already is ``out``)."""
+    if out is None:
+        return y.astype(x.dtype, copy=False)
+    if y is not out:
+        np.copyto(out, y, casting="unsafe")
+    return out

@@ -249,16 +249,7 @@ def _normalize_with_running_stats(
         _per_channel(bias, shape),
         y,
     )
-    return _into(y, x, out)
-
-
-def _into(y: np.ndarray, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-    """``y`` in ``x``'s dtype, written into ``out`` when given."""
-    if out is None:
-        return y.astype(x.dtype, copy=False)
-    if y is not out:
-        np.copyto(out, y, casting="unsafe")
-    return out
+    return kernels.finish_output(y, x, out)
 
 
 def _channel_norm(
@@ -292,7 +283,7 @@ def _channel_norm(
         axes = tuple(a for a in range(first, x.ndim) if a != axis)
         y, mean, var, n = _normalize_with_batch_stats(x, axes, axis, weight, bias, eps)
         if out is not None:
-            y = _into(y, x, out)
+            y = kernels.finish_output(y, x, out)
     else:
         y, mean, var, n = result
     if running_mean is None or running_var is None:
@@ -353,4 +344,4 @@ def normkit_layer_norm(x, weight, bias, axes, eps, *, out=None):
     w = None if weight is None else np.asarray(weight, dtype=cdt).reshape(param_shape)
     b = None if bias is None else np.asarray(bias, dtype=cdt).reshape(param_shape)
     y = kernels.normalize_elementwise(d, shift, mean, var, eps, w, b)
-    return _into(y.reshape(x.shape), x, out)
+    return kernels.finish_output(y.reshape(x.shape), x, out)
