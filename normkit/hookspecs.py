@@ -7,7 +7,8 @@ this module; nothing else restates it.
 A backend is a pluggy plugin that implements :func:`normkit_backend_info` and any of the
 operation hooks below with :data:`normkit.hookimpl`. Implementations take every argument of
 the spec, in the spec's order, with no defaults (pluggy never passes defaults, and normkit
-calls the resolved implementation directly). normkit validates every argument in
+calls the resolved implementation directly); the one optional extra is a keyword-only
+``out=None`` (see "Output buffer" below). normkit validates every argument in
 :mod:`normkit.functional` before a kernel is called, so kernels do not validate again; the
 preconditions each kernel may rely on are listed under "Preconditions".
 
