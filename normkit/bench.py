@@ -13,11 +13,20 @@ round (in a shuffled order each round) so that machine noise hits them alike:
   that framework cannot beat its copy (a fused, multithreaded native op can come close to or
   under NumPy's single-threaded copy).
 
+*Module* workloads (``module=True``) time the frameworks' layers instead of the functional
+ops: the drop-in ``normkit_torch`` modules against their ``torch.nn`` namesakes, and the
+``normkit_tensorflow`` Keras layers against Keras's own, each called eagerly as a model calls
+it (:func:`normkit.bench_baselines.build_modules`); the NumPy backend has no module workload.
+
+Every timed callable is stored under a label of its own kind (``normkit:<backend>``,
+``native:<name>``, ``floor``) and :func:`timed_calls` refuses two labels that collide or share
+one callable, so that no implementation can be timed against itself.
+
 Reported: the median time of each, the medians of the per-round ratios normkit/native and
 normkit/floor, and the median per-round difference normkit - native in microseconds: on the
-``tiny`` workload (a ``(2, 4)`` batch norm, where the arithmetic costs nothing) that is what
-normkit's dispatch and validation add to each call. The spread of the floor's times (interquartile range / median) is reported as
-the machine's noise. These are measurements, never assertions.
+``tiny`` workloads (where the arithmetic costs nothing) that is what normkit's dispatch and
+validation add to each call. The spread of the floor's times (interquartile range / median) is
+reported as the machine's noise. These are measurements, never assertions.
 """
 
 from __future__ import annotations
@@ -38,7 +47,19 @@ import normkit
 from normkit import bench_baselines as baselines
 from normkit._registry import load_backend
 
-__all__ = ["WORKLOADS", "BenchResult", "Workload", "format_startup", "measure_startup", "run_bench"]
+__all__ = [
+    "LEGEND",
+    "WORKLOADS",
+    "BenchResult",
+    "Workload",
+    "format_startup",
+    "format_table",
+    "format_time",
+    "measure_startup",
+    "noise_warning",
+    "run_bench",
+    "timed_calls",
+]
 
 
 @dataclass(frozen=True)
@@ -52,6 +73,9 @@ class Workload:
     axis: int = 1
     repeats: int = 1
     """Calls per timed sample (many for inputs so small that one call is a few microseconds)."""
+    module: bool = False
+    """Time the frameworks' layers (``normkit_torch`` against ``torch.nn``, normkit's Keras layers
+    against Keras's) instead of the functional ops."""
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -73,7 +97,42 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("bn2d-nchw-f64", "batch_norm", (32, 64, 56, 56), dtype="float64"),
     Workload("ln-1024-f64", "layer_norm", (4096, 1024), dtype="float64", axis=-1),
     Workload("tiny", "batch_norm", (2, 4), repeats=200),
+    Workload("bn2d-module-tiny", "batch_norm", (2, 8, 8, 8), repeats=100, module=True),
+    Workload("bn2d-module", "batch_norm", (8, 256, 28, 28), module=True),
+    Workload("in2d-module-tiny", "instance_norm", (2, 8, 8, 8), repeats=100, module=True),
+    Workload("in2d-module", "instance_norm", (16, 64, 64, 64), module=True),
+    Workload("ln-module-tiny", "layer_norm", (2, 8, 8), axis=-1, repeats=100, module=True),
+    Workload("ln-module", "layer_norm", (64, 512, 768), axis=-1, module=True),
 )
+"""Every workload ``normkit bench`` knows, by name (``--workload NAME``)."""
+
+NORMKIT, NATIVE, FLOOR = "normkit:", "native:", "floor"
+"""The label kinds of :func:`timed_calls`."""
+
+
+def timed_calls(
+    mine: dict[str, Callable[[], Any]], floor: Callable[[], Any], natives: dict[str, Callable[[], Any]]
+) -> dict[str, Callable[[], Any]]:
+    """The callables of one job under labels that cannot collide: ``normkit:<variant>`` for
+    normkit's implementations, ``native:<name>`` for the frameworks' own ops, ``floor``.
+
+    Raises ``ValueError`` when two labels coincide or one callable object is given under two
+    labels: either would time a thing against itself (a native named like a backend once
+    overwrote normkit's own op, and every ratio read 1.00)."""
+    labelled = [(NORMKIT + name, call) for name, call in mine.items()]
+    labelled += [(FLOOR, floor)]
+    labelled += [(NATIVE + name, call) for name, call in natives.items()]
+    calls: dict[str, Callable[[], Any]] = {}
+    for label, call in labelled:
+        if label in calls:
+            raise ValueError(f"two timed callables share the label {label!r}")
+        twin = next((other for other, c in calls.items() if c is call), None)
+        if twin is not None:
+            raise ValueError(
+                f"{label!r} and {twin!r} are the same callable: it would be timed against itself"
+            )
+        calls[label] = call
+    return calls
 
 
 @dataclass
@@ -155,7 +214,13 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchResult]:
     """Time every workload and mode on every backend; see the module docstring."""
-    jobs = [(w, m, b) for w in workloads for m in w.modes for b in backends]
+    jobs = [
+        (w, m, b)
+        for w in workloads
+        for m in w.modes
+        for b in backends
+        if not w.module or baselines.has_modules(b)
+    ]
     from normkit import numpy_backend
 
     kernels = numpy_backend.kernels_in_use() if "numpy" in backends else None
@@ -182,15 +247,19 @@ def _run_jobs(
             for k, v in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0))
         }
         framework = baselines.framework_of(backend)
-        op = baselines.compiled(framework, _normkit_op(workload, mode, backend, params))
-        variants = _kernel_variants(backend, op)
-        calls = {name: lambda op=op, x=x: op(x) for name, op in variants.items()}
-        calls["floor"] = baselines.floor(framework, x)
-        natives = baselines.build_natives(backend, workload, mode, x, x_np)
-        calls.update(natives)
+        if workload.module:
+            mine, natives = baselines.build_modules(backend, workload, mode, x)
+            variants = {backend: mine}
+        else:
+            op = baselines.compiled(framework, _normkit_op(workload, mode, backend, params))
+            variants = {
+                name: (lambda op=op, x=x: op(x)) for name, op in _kernel_variants(backend, op).items()
+            }
+            natives = baselines.build_natives(backend, workload, mode, x, x_np)
+        calls = timed_calls(variants, baselines.floor(framework, x), natives)
         times = _time_interleaved(calls, rounds, workload.repeats)
         for variant in variants:
-            mine = times[variant]
+            mine = times[NORMKIT + variant]
             common = {
                 "workload": workload.name,
                 "shape": workload.shape,
@@ -198,9 +267,9 @@ def _run_jobs(
                 "mode": mode,
                 "backend": variant,
                 "normkit_ms": statistics.median(mine),
-                "floor_ms": statistics.median(times["floor"]),
-                "ratio_to_floor": _median_ratio(mine, times["floor"]),
-                "noise": _noise(times["floor"]),
+                "floor_ms": statistics.median(times[FLOOR]),
+                "ratio_to_floor": _median_ratio(mine, times[FLOOR]),
+                "noise": _noise(times[FLOOR]),
                 "rounds": rounds,
                 "extra": baselines.settings(framework)
                 | baselines.device_bandwidth(framework, x, statistics.median(mine) / 1e3),
@@ -213,9 +282,9 @@ def _run_jobs(
                 results.append(
                     BenchResult(
                         native=name,
-                        native_ms=statistics.median(times[name]),
-                        ratio_to_native=_median_ratio(mine, times[name]),
-                        overhead_us=_median_difference_us(mine, times[name]),
+                        native_ms=statistics.median(times[NATIVE + name]),
+                        ratio_to_native=_median_ratio(mine, times[NATIVE + name]),
+                        overhead_us=_median_difference_us(mine, times[NATIVE + name]),
                         **common,
                     )
                 )
@@ -247,6 +316,24 @@ def _kernel_variants(backend: str, op: Callable[[Any], Any]) -> dict[str, Callab
     return {("numpy" if k == "compiled" else "numpy-pure"): using(k) for k in available}
 
 
+def format_time(ms: float) -> str:
+    """A median time with its unit: microseconds below 0.1 ms (the tiny workloads), else ms."""
+    return f"{1e3 * ms:.1f} µs" if ms < 0.1 else f"{ms:.2f} ms"
+
+
+NOISY = 0.25
+"""A row whose floor times spread more than this (IQR / median) gets a warning."""
+
+LEGEND = """\
+normkit    median time of one call of normkit's op (module rows: normkit's layer, called eagerly)
+native     the framework's own op or layer on the same data, timed in the same rounds (in brackets)
+floor      copying the input once in the backend's framework: no normalization can cost less
+x native   median of the per-round ratios normkit / native (below 1: normkit is faster)
+x floor    median of the per-round ratios normkit / floor
++µs/call   median per-round difference normkit - native, per call (the tiny rows: normkit's overhead)
+noise      spread of the floor's times in this run (interquartile range / median)"""
+
+
 def format_table(results: list[BenchResult], markdown: bool = False) -> str:
     """The results as an aligned text table, or a Markdown table."""
     header = [
@@ -254,21 +341,21 @@ def format_table(results: list[BenchResult], markdown: bool = False) -> str:
         "shape",
         "mode",
         "backend",
-        "normkit ms",
-        "native ms",
-        "floor ms",
+        "normkit",
+        "native",
+        "floor",
         "x native",
         "x floor",
-        "+us/call",
+        "+µs/call",
         "noise",
     ]
     rows = []
     for r in results:
-        native = f"{r.native_ms:.2f} ({r.native})" if r.native_ms is not None else "n/a"
+        native = f"{format_time(r.native_ms)} ({r.native})" if r.native_ms is not None else "n/a"
         ratio = f"{r.ratio_to_native:.2f}" if r.ratio_to_native is not None else "n/a"
         rows.append([
-            r.workload, "x".join(map(str, r.shape)) + f" {r.dtype}", r.mode, r.backend, f"{r.normkit_ms:.2f}",
-            native, f"{r.floor_ms:.2f}", ratio, f"{r.ratio_to_floor:.2f}",
+            r.workload, "x".join(map(str, r.shape)) + f" {r.dtype}", r.mode, r.backend, format_time(r.normkit_ms),
+            native, format_time(r.floor_ms), ratio, f"{r.ratio_to_floor:.2f}",
             f"{r.overhead_us:+.1f}" if r.overhead_us is not None else "n/a", f"{100 * r.noise:.0f}%",
         ])  # fmt: skip
     if any("fraction_of_peak" in r.extra for r in results):  # a GPU backend: bandwidth against peak
@@ -283,6 +370,17 @@ def format_table(results: list[BenchResult], markdown: bool = False) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
+    )
+
+
+def noise_warning(results: list[BenchResult]) -> str | None:
+    """A warning naming the rows measured with more than :data:`NOISY` noise, if any."""
+    noisy = list(dict.fromkeys(f"{r.workload} {r.mode}" for r in results if r.noise > NOISY))
+    if not noisy:
+        return None
+    return (
+        f"warning: noise above {100 * NOISY:.0f} % in {len(noisy)} row(s) ({', '.join(noisy)}): the machine "
+        "was busy while they ran; their ratios are unreliable. Rerun on an idle machine or with more --rounds."
     )
 
 

@@ -16,6 +16,12 @@ cupy           ``torch``: PyTorch's CUDA op on the same      ``cupy.copyto`` int
                memory (DLPack), when PyTorch has CUDA        array; every call synchronized
 =============  ============================================  ==========================================
 
+Module workloads compare layers as a model calls them, eagerly: ``normkit_torch``'s drop-in
+modules against their ``torch.nn`` namesakes (native ``torch.nn``; training with autograd on,
+eval under ``torch.no_grad()``), and ``normkit_tensorflow``'s Keras layers against Keras's own
+(native ``keras``; instance norm against ``GroupNormalization(groups=-1)``), every layer with
+its defaults.
+
 For a GPU backend the results also carry the device, its peak memory bandwidth and the
 effective bandwidth of the normkit op (``2 * x.nbytes / time``: reading ``x`` and writing ``y``
 once, the least a normalization moves) as a fraction of the peak.
@@ -31,7 +37,16 @@ import numpy as np
 if TYPE_CHECKING:
     from normkit.bench import Workload
 
-__all__ = ["compiled", "floor", "framework_of", "natives_for", "settings"]
+__all__ = [
+    "build_modules",
+    "build_natives",
+    "compiled",
+    "floor",
+    "framework_of",
+    "has_modules",
+    "natives_for",
+    "settings",
+]
 
 Builder = Callable[["Workload", str, Any], Callable[[], Any]]
 
@@ -135,6 +150,71 @@ def _torch_cuda(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
         raise _Unavailable("PyTorch has no CUDA device")
     call = _torch(workload, mode, torch.from_dlpack(x))
     return lambda: (call(), torch.cuda.synchronize())
+
+
+def _torch_modules(
+    workload: Workload, mode: str, x: Any
+) -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
+    """``normkit_torch``'s module and ``torch.nn``'s namesake, with their defaults, on one tensor."""
+    import torch
+    from torch import nn
+
+    import normkit_torch
+
+    rank = len(workload.shape)
+    if workload.op == "layer_norm":
+        name, size = "LayerNorm", workload.shape[-1]
+    else:
+        family = "BatchNorm" if workload.op == "batch_norm" else "InstanceNorm"
+        name, size = f"{family}{max(rank - 2, 1)}d", workload.channels
+    mine, native = getattr(normkit_torch, name)(size), getattr(nn, name)(size)
+    if mode == "train":
+        return (lambda: mine(x)), {"torch.nn": lambda: native(x)}
+    mine.eval(), native.eval()
+
+    def inference(module: Any) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.no_grad():
+                return module(x)
+
+        return call
+
+    return inference(mine), {"torch.nn": inference(native)}
+
+
+def _keras_modules(
+    workload: Workload, mode: str, x: Any
+) -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
+    """normkit's Keras layer and Keras's own, with their defaults, called eagerly."""
+    import keras
+
+    import normkit_tensorflow
+
+    if workload.op == "layer_norm":
+        mine, native = normkit_tensorflow.LayerNormalization(), keras.layers.LayerNormalization()
+    elif workload.op == "batch_norm":
+        mine = normkit_tensorflow.BatchNormalization(axis=workload.axis)
+        native = keras.layers.BatchNormalization(axis=workload.axis)
+    else:
+        mine = normkit_tensorflow.InstanceNormalization(axis=workload.axis)
+        native = keras.layers.GroupNormalization(groups=-1, axis=workload.axis)
+    training = mode == "train"
+    return (lambda: mine(x, training=training)), {"keras": lambda: native(x, training=training)}
+
+
+_MODULES = {"torch": _torch_modules, "tensorflow": _keras_modules}
+
+
+def has_modules(backend: str) -> bool:
+    """Whether the backend ships framework layers that module workloads can time."""
+    return backend in _MODULES
+
+
+def build_modules(
+    backend: str, workload: Workload, mode: str, x: Any
+) -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
+    """normkit's layer for a module workload and the framework's own, each a call on ``x``."""
+    return _MODULES[backend](workload, mode, x)
 
 
 class _Unavailable(Exception):

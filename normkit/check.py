@@ -1,8 +1,9 @@
 """``normkit check``: every installed backend against the float64 reference, and pairwise.
 
 Runs each conformance case (:data:`normkit.testing.cases.CASES`) on each backend, then prints
-two matrices: the largest error against the reference per operation x dtype x backend with a
-pass/fail verdict (the tolerance policy of :mod:`normkit.testing.tolerances`), and, with two or
+two matrices: the largest error against the reference per operation x dtype x backend, the
+tolerance allowed at that value, and a pass/fail verdict (the tolerance policy of
+:mod:`normkit.testing.tolerances`; ``docs/conformance.md``), and, with two or
 more backends, the largest difference between each pair on the same inputs (allowed: the sum
 of both backends' tolerances).
 """
@@ -36,7 +37,7 @@ class _Cell:
     failed: int = 0
     skipped: int = 0
     max_abs: float = 0.0
-    max_rel: float = 0.0
+    tolerance: float = 0.0
 
     def add(self, result: CaseResult) -> None:
         if result.skipped:
@@ -44,14 +45,14 @@ class _Cell:
             return
         self.cases += 1
         self.failed += not result.passed
-        self.max_abs = max(self.max_abs, result.max_abs_error)
-        self.max_rel = max(self.max_rel, result.max_rel_error)
+        if result.max_abs_error >= self.max_abs:
+            self.max_abs, self.tolerance = result.max_abs_error, result.tolerance_at_max_error
 
     def render(self) -> str:
         if self.cases == 0:
             return "skipped" if self.skipped else "-"
         verdict = "pass" if self.failed == 0 else f"FAIL {self.failed}/{self.cases}"
-        return f"{verdict:<5} {self.max_abs:.1e} / {self.max_rel:.1e}"
+        return f"{verdict:<5} {self.max_abs:.1e} (tol {self.tolerance:.1e})"
 
 
 @dataclass
@@ -98,7 +99,7 @@ class CheckReport:
         for b in names:
             for result in self.results[b]:
                 cells[result.case.op, result.case.dtype, b].add(result)
-        header = ["op", "dtype", *[f"{b}  (max abs / rel error)" for b in names]]
+        header = ["op", "dtype", *[f"{b}  (max abs error, its tolerance)" for b in names]]
         rows = [[op, dtype, *[cells[op, dtype, b].render() for b in names]] for op, dtype in self._rows()]
         return _table(header, rows)
 

@@ -89,6 +89,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     )
     for name in report.no_device:
         print(f"{name}: installed, but has no device on this machine (skipped)")
+    print(
+        "each cell: the largest error against the reference and the tolerance allowed at that value,\n"
+        "derived from the dtype's epsilon and the case's conditioning (how cases are judged: docs/conformance.md)"
+    )
     print()
     print(report.agreement_matrix())
     pairwise = report.pairwise_matrix()
@@ -107,10 +111,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from normkit.bench import (
+        LEGEND,
         WORKLOADS,
         format_startup,
         format_table,
         measure_startup,
+        noise_warning,
         run_bench,
         write_json,
         write_plot,
@@ -145,6 +151,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if interactive:
         print("\r\033[K", end="", file=sys.stderr)
     print(format_table(results, markdown=args.markdown))
+    print()
+    print(LEGEND)
+    warning = noise_warning(results)
+    if warning:
+        print()
+        print(warning)
     startup = None
     if args.startup:
         progress("startup: import time and first calls in fresh processes")
@@ -169,6 +181,17 @@ def _rounds(text: str) -> int:
     return value
 
 
+def _workload_listing() -> str:
+    from normkit.bench import WORKLOADS
+
+    lines = ["workloads (default: all):"]
+    for w in WORKLOADS:
+        shape = "x".join(map(str, w.shape))
+        kind = "layers (torch, tensorflow backends)" if w.module else "functional op"
+        lines.append(f"  {w.name:<18} {w.op:<14} {shape} {w.dtype}, {kind}, {'/'.join(w.modes)}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normkit", description="normalization layers with one exact specification"
@@ -183,10 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--device", default=None, help="device for the arrays (default: the backend's first)")
     check.set_defaults(run=cmd_check)
     bench = commands.add_parser(
-        "bench", help="time the ops against the native op and the memory-bandwidth floor"
+        "bench",
+        help="time the ops against the native op and the memory-bandwidth floor",
+        description="Time each backend's ops (and, for the torch and tensorflow backends, their "
+        "layers) against the framework's native op and a copy of the input, interleaved in the same "
+        "rounds. A legend under the table explains its columns; see docs/performance.md.",
+        epilog=_workload_listing(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument("--backend", action="append", help="bench only this backend (repeatable)")
-    bench.add_argument("--workload", action="append", help="run only this workload (repeatable)")
+    bench.add_argument(
+        "--workload",
+        action="append",
+        metavar="NAME",
+        help="run only this workload (repeatable; listed below)",
+    )
     bench.add_argument(
         "--rounds", type=_rounds, default=20, help="interleaved timing rounds, at least 2 (default 20)"
     )
@@ -204,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+QUIET_TENSORFLOW = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+"""Set for ``check`` and ``bench`` unless the user set it: TensorFlow's C++ start-up notices
+(INFO and WARNING) would otherwise be the first lines these commands print."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("check", "bench"):
+        for name, value in QUIET_TENSORFLOW.items():
+            os.environ.setdefault(name, value)
     return args.run(args)

@@ -31,10 +31,13 @@ def test_info(capsys: pytest.CaptureFixture[str]) -> None:
 def test_check_prints_the_agreement_matrix_and_passes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
-    assert "numpy  (max abs / rel error)" in out
+    assert "numpy  (max abs error, its tolerance)" in out
+    assert "how cases are judged: docs/conformance.md" in out
     for op in ("batch_norm", "instance_norm", "layer_norm"):
         for dtype in ("float16", "float32", "float64"):
-            assert any(line.split()[:3] == [op, dtype, "pass"] for line in out.splitlines()), (op, dtype)
+            line = next(line for line in out.splitlines() if line.split()[:3] == [op, dtype, "pass"])
+            error, tolerance = re.search(r"pass +(\S+) \(tol (\S+)\)", line).groups()
+            assert 0 <= float(error) <= float(tolerance), line  # a pass shows an error within its tolerance
     assert "every case passes on every backend" in out
 
 
@@ -84,6 +87,8 @@ def test_bench_reports_batch_norm_against_torch_and_the_floor(
     rows = [line.split() for line in out.splitlines() if line.startswith("bn2d-nchw")]
     variants = ["numpy", "numpy-pure"] if importlib.util.find_spec("numba") else ["numpy-pure"]
     assert [(row[3], row[4]) for row in rows] == [(m, v) for m in ("train", "eval") for v in variants]
+    assert all(row[6] == "ms" and row[9] == "(torch)" for row in rows)  # times carry their unit
+    assert "x floor    median of the per-round ratios normkit / floor" in out  # the legend
     results = json.loads(output.read_text())["results"]
     for result in results:
         assert result["native"] == "torch" and result["shape"] == [32, 64, 56, 56]
@@ -112,3 +117,85 @@ def test_bench_plots_time_over_the_floor(tmp_path: Path, capsys: pytest.CaptureF
     )
     assert f"plot written to {plot}" in capsys.readouterr().out
     assert plot.read_bytes().startswith(b"\x89PNG") and plot.stat().st_size > 5000
+
+
+def test_bench_help_lists_every_workload(capsys: pytest.CaptureFixture[str]) -> None:
+    from normkit.bench import WORKLOADS
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    listed = [
+        line.split()[0] for line in out.split("workloads (default: all):")[1].splitlines() if line.strip()
+    ]
+    assert listed == [w.name for w in WORKLOADS]
+
+
+def test_tiny_times_are_printed_in_microseconds() -> None:
+    from normkit.bench import format_time
+
+    assert [format_time(ms) for ms in (0.0123, 0.0999, 0.1, 3.714)] == [
+        "12.3 µs",
+        "99.9 µs",
+        "0.10 ms",
+        "3.71 ms",
+    ]
+
+
+def _result(workload: str, noise: float):
+    from normkit.bench import BenchResult
+
+    return BenchResult(
+        workload=workload, shape=(2, 4), dtype="float32", mode="train", backend="numpy", native=None,
+        normkit_ms=1.0, native_ms=None, floor_ms=1.0, ratio_to_native=None, ratio_to_floor=1.0,
+        overhead_us=None, noise=noise, rounds=2,
+    )  # fmt: skip
+
+
+def test_bench_warns_when_a_row_is_noisy() -> None:
+    from normkit.bench import noise_warning
+
+    assert noise_warning([_result("tiny", 0.25), _result("bn1d", 0.1)]) is None
+    warning = noise_warning([_result("tiny", 0.4), _result("bn1d", 0.56), _result("ln-768", 0.2)])
+    assert warning is not None and "noise above 25 % in 2 row(s) (tiny train, bn1d train)" in warning
+
+
+def test_no_timed_callable_can_shadow_another() -> None:
+    from normkit.bench import timed_calls
+
+    def mine() -> None: ...
+
+    def native() -> None: ...
+
+    def floor() -> None: ...
+
+    calls = timed_calls({"torch": mine}, floor, {"torch": native})  # a backend and a native both named torch
+    assert calls == {"normkit:torch": mine, "floor": floor, "native:torch": native}
+    with pytest.raises(ValueError, match="'native:torch' and 'normkit:torch' are the same callable"):
+        timed_calls({"torch": mine}, floor, {"torch": mine})
+    with pytest.raises(ValueError, match="the same callable"):
+        timed_calls({"numpy": mine}, mine, {})
+    # labels of different kinds cannot coincide, whatever the names
+    assert len(timed_calls({"floor": mine, "native:x": native}, floor, {"normkit:floor": lambda: None})) == 4
+
+
+def test_each_job_times_distinct_callables_under_distinct_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The calls a bench job times: normkit's variants, the floor and the natives, all different."""
+    from normkit import bench
+
+    seen: list[dict] = []
+    original = bench._time_interleaved
+
+    def spy(calls: dict, rounds: int, repeats: int = 1) -> dict:
+        seen.append(dict(calls))
+        return original(calls, rounds, repeats)
+
+    monkeypatch.setattr(bench, "_time_interleaved", spy)
+    tiny = next(w for w in bench.WORKLOADS if w.name == "tiny")
+    results = bench.run_bench(["numpy"], (tiny,), rounds=2)
+    assert len(seen) == 2 and len(results) == 2 * len(seen[0]) - 2 * (
+        1 + len(bench.baselines.natives_for("numpy"))
+    )
+    for calls in seen:
+        assert "floor" in calls and any(label.startswith("normkit:") for label in calls)
+        assert len({id(call) for call in calls.values()}) == len(calls)

@@ -55,6 +55,8 @@ class CaseResult:
     failures: list[str] = field(default_factory=list)
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
+    tolerance_at_max_error: float = 0.0
+    """The allowed error (the bound) at the value with the largest absolute error."""
     outputs: list[StepOutput] = field(default_factory=list)
 
     @property
@@ -348,6 +350,9 @@ def _compare(
     bad = ~(error <= bound)  # NaN counts as bad
     scale = float(np.abs(ref).max())
     max_error = math.inf if np.isnan(error).any() else float(error.max())
+    if max_error >= result.max_abs_error:  # the bound where this comparison errs most (NaN first)
+        worst = int(np.argmax(np.where(np.isnan(error), np.inf, error)))
+        result.tolerance_at_max_error = float(np.broadcast_to(bound, error.shape).flat[worst])
     result.max_abs_error = max(result.max_abs_error, max_error)
     result.max_rel_error = max(result.max_rel_error, max_error / scale if scale > 0 else max_error)
     if np.any(bad):
