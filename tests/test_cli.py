@@ -199,3 +199,17 @@ def test_each_job_times_distinct_callables_under_distinct_labels(monkeypatch: py
     for calls in seen:
         assert "floor" in calls and any(label.startswith("normkit:") for label in calls)
         assert len({id(call) for call in calls.values()}) == len(calls)
+
+
+@pytest.mark.parametrize("user_setting", [None, "0"])
+def test_check_and_bench_quiet_tensorflow_unless_the_user_chose(
+    user_setting: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    if user_setting is None:
+        monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", user_setting)
+    assert main(["check", "--backend", "numpy"]) == 0
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == (user_setting or "2")  # INFO and WARNING notices hidden
