@@ -18,6 +18,11 @@ Design requirements, in order of importance:
 5. One broken backend does not take the others down: an entry point that fails to load is
    skipped with a ``RuntimeWarning`` and its error is shown by ``normkit info`` and in the
    error for its array type.
+6. Some subclasses of an array type mean something their base class does not: a
+   ``numpy.ma.MaskedArray`` is an ``ndarray`` whose mask every kernel would silently ignore.
+   A backend that claims the base class does not thereby claim them (see
+   ``UNCLAIMED_SUBCLASSES``); it must name them in its ``array_types``. The check is part
+   of resolving a type, so it is paid once per type, never per call.
 """
 
 from __future__ import annotations
@@ -76,6 +81,18 @@ KNOWN_DISTRIBUTIONS = {
 }
 
 
+def named_class(spec: str) -> type | None:
+    """The class named ``"module:QualName"``, or ``None`` if its module is not imported (or has
+    no such class). Never imports."""
+    module_name, _, qualname = spec.partition(":")
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        if obj is None:
+            return None
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, type) else None
+
+
 @lru_cache(maxsize=256)
 def is_subclass_of_named(cls: type, spec: str) -> bool:
     """True if ``cls`` is a subclass of the class named ``"module:QualName"``.
@@ -83,13 +100,82 @@ def is_subclass_of_named(cls: type, spec: str) -> bool:
     Never imports: if the module is not in :data:`sys.modules`, no instance of its classes
     can exist, and the answer is False.
     """
-    module_name, _, qualname = spec.partition(":")
-    obj: Any = sys.modules.get(module_name)
-    for part in qualname.split("."):
-        if obj is None:
-            return False
-        obj = getattr(obj, part, None)
-    return isinstance(obj, type) and issubclass(cls, obj)
+    named = named_class(spec)
+    return named is not None and issubclass(cls, named)
+
+
+@dataclass(frozen=True)
+class UnclaimedSubclass:
+    """A subclass of an array type that a backend claiming the base class does not claim.
+
+    The texts are sentences for error messages; ``{name}`` stands for the parameter's name.
+    """
+
+    spec: str
+    """The class, as ``"module:QualName"``."""
+    why: str
+    """Why normkit refuses it."""
+    input_advice: str
+    """What to pass instead as the input ``x``."""
+    parameter_advice: str
+    """What to pass instead as a parameter (``weight``, ``running_mean``, ``out``, ...)."""
+
+
+UNCLAIMED_SUBCLASSES: tuple[UnclaimedSubclass, ...] = (
+    UnclaimedSubclass(
+        spec="numpy.ma:MaskedArray",
+        why=(
+            "normkit does not handle masked arrays yet (masked statistics are planned), and "
+            "treating one as a plain array would silently ignore its mask"
+        ),
+        input_advice=(
+            "To ignore the mask, pass {name}.filled(value) or np.asarray({name}); to leave the masked "
+            "values out, pass {name}.compressed() (1-D) or select the samples that have none"
+        ),
+        parameter_advice=(
+            "Pass np.asarray({name}) to ignore the mask, or {name}.filled(value) to replace the masked values"
+        ),
+    ),
+)
+"""Subclasses that no backend claims through a base class (principle 6 above)."""
+
+
+@lru_cache(maxsize=256)
+def unclaimed_subclass(cls: type) -> UnclaimedSubclass | None:
+    """The entry of :data:`UNCLAIMED_SUBCLASSES` that ``cls`` is (a subclass of), or ``None``."""
+    for entry in UNCLAIMED_SUBCLASSES:
+        if is_subclass_of_named(cls, entry.spec):
+            return entry
+    return None
+
+
+@lru_cache(maxsize=256)
+def claimed_by(cls: type, spec: str) -> bool:
+    """True if a backend whose ``array_types`` include ``spec`` handles arrays of type ``cls``.
+
+    ``cls`` must be a subclass of the named class; and if ``cls`` is an unclaimed subclass (a
+    masked array), the named class must be one too: claiming ``numpy:ndarray`` does not claim
+    ``numpy.ma.MaskedArray``, claiming ``numpy.ma:MaskedArray`` does.
+    """
+    if not is_subclass_of_named(cls, spec):
+        return False
+    entry = unclaimed_subclass(cls)
+    if entry is None:
+        return True
+    named = named_class(spec)
+    return named is not None and unclaimed_subclass(named) is entry
+
+
+def unsupported_array_message(cls: type, name: str, *, is_input: bool) -> str | None:
+    """The error for a parameter ``name`` of an unclaimed subclass type (a masked array), or
+    ``None`` for any other type: what it got, why it is refused and what to pass instead."""
+    entry = unclaimed_subclass(cls)
+    if entry is None:
+        return None
+    base = type_name(named_class(entry.spec) or cls)
+    got = base if type_name(cls) == base else f"{type_name(cls)} (a {base})"
+    advice = entry.input_advice if is_input else entry.parameter_advice
+    return f"{name} is a {got}: {entry.why}. {advice.format(name=name)}."
 
 
 def type_name(cls: type) -> str:
@@ -113,7 +199,7 @@ class Backend:
         """True if arrays of type ``cls`` belong to this backend."""
         if cls in self._handled:
             return True
-        if any(is_subclass_of_named(cls, spec) for spec in self.info.array_types):
+        if any(claimed_by(cls, spec) for spec in self.info.array_types):
             self._handled.add(cls)
             return True
         return False
@@ -281,7 +367,7 @@ class _Registry:
             claims = [
                 (plugin, info)
                 for plugin, info in self._infos()
-                if any(is_subclass_of_named(cls, spec) for spec in info.array_types)
+                if any(claimed_by(cls, spec) for spec in info.array_types)
             ]
             if not claims:
                 raise NoBackendError(self._no_backend_message(cls))
@@ -308,14 +394,21 @@ class _Registry:
             if not claims:
                 raise NoBackendError(f"plugin {name!r} does not implement normkit_backend_info")
             info = claims[0][1]
-            if not any(is_subclass_of_named(cls, spec) for spec in info.array_types):
-                raise TypeError(f"backend={name!r} handles {list(info.array_types)}, not {type_name(cls)}")
+            if not any(claimed_by(cls, spec) for spec in info.array_types):
+                raise TypeError(
+                    unsupported_array_message(cls, "x", is_input=True)
+                    or f"backend={name!r} handles {list(info.array_types)}, not {type_name(cls)}"
+                )
             backend = self._build(claims)
             return self._by_name.setdefault((name, cls), backend)
 
     def _no_backend_message(self, cls: type) -> str:
         framework = cls.__module__.split(".")[0]
         what = f"no normkit backend handles arrays of type {type_name(cls)}"
+        entry = unclaimed_subclass(cls)
+        if entry is not None:
+            advice = entry.parameter_advice.format(name="array")
+            return f"{what}: {entry.why}. {advice}."
         if framework == "builtins":
             return f"{what}: pass an array (a numpy.ndarray, or a framework's tensor with its normkit backend installed)"
         if self.manager().is_blocked(framework):
@@ -356,6 +449,8 @@ class _Registry:
             self._entry_points = None
             self.load_errors = {}
             is_subclass_of_named.cache_clear()
+            unclaimed_subclass.cache_clear()
+            claimed_by.cache_clear()
 
 
 def _check_signature(function: Callable[..., Any], spec: Callable[..., Any], plugin: str) -> None:

@@ -15,8 +15,8 @@ array([-1.2247443,  0.       ,  1.2247443], dtype=float32)
 (array([0.4, 0.5, 0.6, 0.7], dtype=float32), array([2.5, 2.5, 2.5, 2.5], dtype=float32))
 
 Errors name the parameter at fault: ``TypeError`` for a wrong array type or dtype
-(:class:`~normkit.errors.NoBackendError` when no backend handles the array), ``ValueError``
-for wrong shapes and values.
+(:class:`~normkit.errors.NoBackendError` when no backend handles the array: a scalar, a list,
+a ``numpy.ma.MaskedArray``), ``ValueError`` for wrong shapes and values.
 """
 
 from __future__ import annotations
@@ -27,7 +27,16 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from normkit import presets
-from normkit._registry import Backend, backend_for, backend_named, takes_out, type_name
+from normkit._registry import (
+    Backend,
+    backend_for,
+    backend_named,
+    is_subclass_of_named,
+    takes_out,
+    type_name,
+    unsupported_array_message,
+)
+from normkit.errors import NoBackendError
 
 __all__ = ["BatchNormResult", "InstanceNormResult", "batch_norm", "instance_norm", "layer_norm"]
 
@@ -48,8 +57,48 @@ InstanceNormResult = BatchNormResult
 
 
 # -- validation helpers ---------------------------------------------------------------------
-def _backend(x: Array, backend: str | None) -> Backend:
-    return backend_for(x) if backend is None else backend_named(backend, x)
+def _backend(x: Array, backend: str | None, min_ndim: int, what: str) -> Backend:
+    """The backend for the input ``x`` of op ``what`` (which needs ``min_ndim`` dimensions).
+
+    One dict lookup for an array type seen before; the rest runs only when resolution fails,
+    to say what ``x`` is and what to pass instead.
+    """
+    try:
+        return backend_for(x) if backend is None else backend_named(backend, x)
+    except TypeError as error:
+        message = _not_an_array_message(x, min_ndim, what, str(error))
+        if message is None:
+            raise
+        raise (NoBackendError if isinstance(error, NoBackendError) else TypeError)(message) from None
+
+
+def dimensions(n: int) -> str:
+    """``"1 dimension"``, ``"2 dimensions"``: a count of dimensions for messages."""
+    return f"{n} dimension" if n == 1 else f"{n} dimensions"
+
+
+def _not_an_array_message(x: object, min_ndim: int, what: str, reason: str) -> str | None:
+    """The error for an input ``x`` that no backend takes because it is a masked array, a
+    scalar, a list or a tuple (``reason`` is the registry's); ``None`` for anything else."""
+    cls = type(x)
+    masked = unsupported_array_message(cls, "x", is_input=True)
+    if masked is not None:
+        return masked
+    expected = f"{what} expects an array with at least {dimensions(min_ndim)}"
+    if is_subclass_of_named(cls, "numpy:generic"):
+        return f"x is a {type_name(cls)} scalar, not an array; {expected} ({reason})"
+    unhandled = f"no normkit backend handles arrays of type {type_name(cls)}"
+    if isinstance(x, (bool, int, float, complex)):
+        return (
+            f"x is a Python {cls.__name__}, a scalar ({unhandled}); {expected}, such as a "
+            f"numpy.ndarray or a framework's tensor"
+        )
+    if isinstance(x, (list, tuple)):
+        return (
+            f"x is a {cls.__name__}, not an array ({unhandled}); {expected}: convert it first, "
+            f"e.g. with np.asarray(x, dtype=np.float32)"
+        )
+    return None
 
 
 def _check_input(be: Backend, x: Array, min_ndim: int, what: str) -> tuple[int, ...]:
@@ -60,7 +109,10 @@ def _check_input(be: Backend, x: Array, min_ndim: int, what: str) -> tuple[int, 
         raise TypeError(f"x has dtype {dtype}, which backend {be.name!r} does not support {be.info.dtypes}")
     shape = tuple(be.info.shape(x))
     if len(shape) < min_ndim:
-        raise ValueError(f"x has shape {shape}; {what} expects at least {min_ndim} dimensions")
+        got = "a 0-d array (a scalar)" if not shape else f"{dimensions(len(shape))}"
+        raise ValueError(
+            f"x has shape {shape}, {got}; {what} expects an array with at least {dimensions(min_ndim)}"
+        )
     return shape
 
 
@@ -105,7 +157,7 @@ def as_shape(value: object, name: str) -> tuple[int, ...]:
 def _check_axis(axis: object, ndim: int, name: str = "axis") -> int:
     axis = _index(axis, name)
     if not -ndim <= axis < ndim:
-        raise ValueError(f"{name}={axis} is out of range for an input with {ndim} dimensions")
+        raise ValueError(f"{name}={axis} is out of range for an input with {dimensions(ndim)}")
     return axis % ndim
 
 
@@ -114,7 +166,8 @@ def _check_param(be: Backend, name: str, value: Array | None, shape: tuple[int, 
         return
     if not be.handles(type(value)):
         raise TypeError(
-            f"{name} is a {type_name(type(value))} but x is a {type_name(type(x))}: every array "
+            unsupported_array_message(type(value), name, is_input=False)
+            or f"{name} is a {type_name(type(value))} but x is a {type_name(type(x))}: every array "
             f"in one call must belong to the same backend ({be.name!r})"
         )
     dtype = be.info.dtype_name(value)
@@ -166,7 +219,10 @@ def _check_out(
             f"out=: backend {be.name!r} does not write {op}'s output into a given array; pass out=None"
         )
     if not be.handles(type(out)):
-        raise TypeError(f"out is a {type_name(type(out))}; expected an array like x ({type_name(type(x))})")
+        raise TypeError(
+            unsupported_array_message(type(out), "out", is_input=False)
+            or f"out is a {type_name(type(out))}; expected an array like x ({type_name(type(x))})"
+        )
     info = be.info
     if info.dtype_name(out) != info.dtype_name(x):
         raise TypeError(f"out has dtype {info.dtype_name(out)}; expected x's dtype {info.dtype_name(x)}")
@@ -292,7 +348,7 @@ def batch_norm(
     :returns: :class:`BatchNormResult` ``(y, running_mean, running_var)``.
     """
     p = presets.get_preset(preset)
-    be = _backend(x, backend)
+    be = _backend(x, backend, 2, "batch_norm")
     shape = _check_input(be, x, 2, "batch_norm")
     axis = _check_axis(p.axis if axis is None else axis, len(shape))
     return BatchNormResult(
@@ -348,7 +404,7 @@ def instance_norm(
     one value per instance and channel (a spatial size of 1).
     """
     p = presets.get_preset(preset)
-    be = _backend(x, backend)
+    be = _backend(x, backend, 3, "instance_norm")
     shape = _check_input(be, x, 3, "instance_norm")
     axis = _check_instance_axis(p.axis if axis is None else axis, len(shape))
     return InstanceNormResult(
@@ -434,7 +490,7 @@ def layer_norm(
     :returns: ``y``, same shape and dtype as ``x``. The same in training and eval.
     """
     p = presets.get_preset(preset)
-    be = _backend(x, backend)
+    be = _backend(x, backend, 1, "layer_norm")
     shape = _check_input(be, x, 1, "layer_norm")
     axes = normalized_axes(shape, normalized_shape, axis)
     return _layer_norm(be, x, shape, axes, weight, bias, eps, p, out)

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from normkit import functional, presets
-from normkit._registry import Backend, backend_for, backend_named, type_name
+from normkit._registry import Backend, backend_for, type_name
 from normkit.errors import StateDictError
 from normkit.state import FORMAT_VERSION, METADATA_KEY, NormState, parse_state_dict
 
@@ -110,8 +110,13 @@ class _Layer:
         """β, or ``None``."""
         return self._get("bias")
 
-    def _resolve(self, x: Array) -> Backend:
-        be = backend_for(x) if self.backend is None else backend_named(self.backend, x)
+    def _resolve(self, x: Array, min_ndim: int, op: str) -> Backend:
+        """The backend for ``x``, which must be the one holding this layer's state (if any).
+
+        Raises before anything changes for an input no backend takes (a masked array, a
+        scalar, a list), naming ``x`` and what to pass instead.
+        """
+        be = functional._backend(x, self.backend, min_ndim, op)
         held = self._state_backend
         if held is not None and not held.handles(type(x)):
             raise TypeError(
@@ -335,7 +340,7 @@ class _ChannelNorm(_Layer):
 
     def __call__(self, x: Array) -> Array:
         """Normalize ``x``; in training with tracked statistics, update them."""
-        be = self._resolve(x)
+        be = self._resolve(x, self._min_ndim, self._op)
         shape = functional._check_input(be, x, self._min_ndim, self._op)
         axis = (
             functional._check_instance_axis(self.axis, len(shape))
@@ -570,7 +575,7 @@ class LayerNorm(_Layer):
 
     def __call__(self, x: Array) -> Array:
         """Normalize ``x`` (the same in training and eval)."""
-        be = self._resolve(x)
+        be = self._resolve(x, 1, "layer_norm")
         shape = functional._check_input(be, x, 1, "layer_norm")
         axes = functional.normalized_axes(shape, self.normalized_shape, self.axis)
         param_shape = tuple(shape[a] for a in axes)

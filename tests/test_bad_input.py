@@ -117,7 +117,45 @@ CASES: list[tuple[str, Callable[[normkit.BatchNorm], Any], type[Exception], str]
         "wrong-rank",
         lambda layer: layer(np.ones(5, np.float32)),
         ValueError,
-        "x has shape (5,); batch_norm expects at least 2 dimensions",
+        "x has shape (5,), 1 dimension; batch_norm expects an array with at least 2 dimensions",
+    ),
+    (
+        "zero-d-array",
+        lambda layer: layer(np.array(1.0, np.float32)),
+        ValueError,
+        "x has shape (), a 0-d array (a scalar); batch_norm expects an array with at least 2 dimensions",
+    ),
+    (
+        "numpy-scalar",
+        lambda layer: layer(np.float32(1.0)),
+        normkit.NoBackendError,
+        "x is a numpy.float32 scalar, not an array; batch_norm expects an array with at least 2 dimensions",
+    ),
+    (
+        "python-float",
+        lambda layer: layer(1.0),
+        normkit.NoBackendError,
+        "x is a Python float, a scalar (no normkit backend handles arrays of type float); batch_norm "
+        "expects an array with at least 2 dimensions, such as a numpy.ndarray or a framework's tensor",
+    ),
+    (
+        "list-to-layer",
+        lambda layer: layer(X.tolist()),
+        normkit.NoBackendError,
+        "x is a list, not an array (no normkit backend handles arrays of type list); batch_norm expects "
+        "an array with at least 2 dimensions: convert it first, e.g. with np.asarray(x, dtype=np.float32)",
+    ),
+    (
+        "masked-array",
+        lambda layer: layer(np.ma.masked_array(X, mask=X < 0)),
+        TypeError,
+        "x is a numpy.ma.MaskedArray: normkit does not handle masked arrays yet",
+    ),
+    (
+        "masked-weight",
+        lambda layer: functional(layer, weight=np.ma.masked_array(layer.weight, mask=[1, 0, 0])),
+        TypeError,
+        "weight is a numpy.ma.MaskedArray: normkit does not handle masked arrays yet",
     ),
     (
         "channel-mismatch",
@@ -310,6 +348,85 @@ def test_bad_input_raises_a_clear_error_and_changes_no_state(
         assert np.array_equal(before[key], after[key]), f"{key} changed"
         if key in arrays_before:
             assert layer.state_dict()[key] is arrays_before[key], f"{key} was replaced"
+
+
+# (call, exception type, the whole message): ops and layers given a scalar, a 0-d array or a list
+NOT_AN_ARRAY: list[tuple[Callable[[], Any], type[Exception], str]] = [
+    (
+        lambda: normkit.batch_norm(np.float32(1.0), training=True),
+        normkit.NoBackendError,
+        "x is a numpy.float32 scalar, not an array; batch_norm expects an array with at least 2 dimensions "
+        "(no normkit backend handles arrays of type numpy.float32: backend 'numpy' handles "
+        "['numpy:ndarray'] only)",
+    ),
+    (
+        lambda: normkit.instance_norm(np.float64(1.0)),
+        normkit.NoBackendError,
+        "x is a numpy.float64 scalar, not an array; instance_norm expects an array with at least 3 "
+        "dimensions (no normkit backend handles arrays of type numpy.float64: backend 'numpy' handles "
+        "['numpy:ndarray'] only)",
+    ),
+    (
+        lambda: normkit.layer_norm(np.float32(1.0), backend="numpy"),
+        TypeError,
+        "x is a numpy.float32 scalar, not an array; layer_norm expects an array with at least 1 dimension "
+        "(backend='numpy' handles ['numpy:ndarray'], not numpy.float32)",
+    ),
+    (
+        lambda: normkit.layer_norm(np.array(1.0, np.float32)),
+        ValueError,
+        "x has shape (), a 0-d array (a scalar); layer_norm expects an array with at least 1 dimension",
+    ),
+    (
+        lambda: normkit.LayerNorm()(np.array(1.0, np.float32)),
+        ValueError,
+        "x has shape (), a 0-d array (a scalar); layer_norm expects an array with at least 1 dimension",
+    ),
+    (
+        lambda: normkit.instance_norm(np.ones((4, 3), np.float32)),
+        ValueError,
+        "x has shape (4, 3), 2 dimensions; instance_norm expects an array with at least 3 dimensions",
+    ),
+    (
+        lambda: normkit.layer_norm(2.5),
+        normkit.NoBackendError,
+        "x is a Python float, a scalar (no normkit backend handles arrays of type float); layer_norm "
+        "expects an array with at least 1 dimension, such as a numpy.ndarray or a framework's tensor",
+    ),
+    (
+        lambda: normkit.InstanceNorm()(3),
+        normkit.NoBackendError,
+        "x is a Python int, a scalar (no normkit backend handles arrays of type int); instance_norm "
+        "expects an array with at least 3 dimensions, such as a numpy.ndarray or a framework's tensor",
+    ),
+    (
+        lambda: normkit.layer_norm([1.0, 2.0]),
+        normkit.NoBackendError,
+        "x is a list, not an array (no normkit backend handles arrays of type list); layer_norm expects "
+        "an array with at least 1 dimension: convert it first, e.g. with np.asarray(x, dtype=np.float32)",
+    ),
+    (
+        lambda: normkit.batch_norm(((1.0, 2.0), (3.0, 4.0)), training=True),
+        normkit.NoBackendError,
+        "x is a tuple, not an array (no normkit backend handles arrays of type tuple); batch_norm expects "
+        "an array with at least 2 dimensions: convert it first, e.g. with np.asarray(x, dtype=np.float32)",
+    ),
+    (
+        lambda: normkit.layer_norm(np.ones(3, np.float32), axis=1),
+        ValueError,
+        "axis=1 is out of range for an input with 1 dimension",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "message"), NOT_AN_ARRAY)
+def test_scalars_zero_d_arrays_and_lists_are_told_what_to_pass(
+    call: Callable[[], Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as raised:
+        call()
+    assert str(raised.value) == message
+    assert "1 dimensions" not in message
 
 
 def test_the_table_has_at_least_fifteen_cases() -> None:
