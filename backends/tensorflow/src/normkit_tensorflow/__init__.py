@@ -10,10 +10,18 @@ Import this package for the Keras 3 layers (see :mod:`normkit_tensorflow.layers`
 >>> layer = normkit_tensorflow.BatchNormalization(preset="torch")   # unbiased moving variance
 >>> layer.momentum, layer.epsilon
 (0.9, 1e-05)
+
+Importing this package registers the layers with Keras's serialization (as
+``"normkit>BatchNormalization"`` and so on), so that a ``.keras`` file holding them loads in a
+new process after ``import keras, normkit_tensorflow``.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+import warnings
 from typing import Any
 
 __version__ = "0.1.0"
@@ -24,10 +32,50 @@ _LAYERS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization")
 
 
 def __getattr__(name: str) -> Any:
-    """The Keras layers, imported on first use: the normkit plugin (``normkit_tensorflow.plugin``)
-    loads with TensorFlow alone, without importing Keras."""
+    """The Keras layers, from :mod:`normkit_tensorflow.layers` (imported here if
+    :func:`_register_keras_layers` left it for later)."""
     if name in _LAYERS:
         from normkit_tensorflow import layers
 
         return getattr(layers, name)
     raise AttributeError(f"module 'normkit_tensorflow' has no attribute {name!r}")
+
+
+def _importable(name: str) -> bool:
+    return name in sys.modules or importlib.util.find_spec(name) is not None
+
+
+def _register_keras_layers() -> None:
+    """Import :mod:`normkit_tensorflow.layers`, whose classes register themselves with Keras
+    (``keras.saving.register_keras_serializable``): ``keras.models.load_model`` finds a custom
+    layer only by that registration.
+
+    This module is also imported by normkit itself, as the parent of the plugin
+    (``normkit_tensorflow.plugin``) that it loads once ``tensorflow`` is imported, for
+    ``normkit.batch_norm(tensor)``; that path must not import Keras 3 where TensorFlow came
+    without it. TensorFlow 2.16+ imports Keras 3 itself (``import tensorflow`` ends by
+    importing ``keras.src.optimizers``), so there Keras is already loaded and registering costs
+    only this package's module. The one case left alone is TensorFlow imported while Keras 3
+    is not (``TF_USE_LEGACY_KERAS=1``, where ``tf.keras`` is ``tf_keras``): the layers then
+    register on first use (``normkit_tensorflow.BatchNormalization``), as before.
+
+    Without TensorFlow or Keras installed this package imports as before (its layers need both).
+    A failure here must not take normkit's TensorFlow kernels down with it (they need no Keras):
+    it is a warning, and the same error is raised again by the first use of a layer.
+    """
+    if not (_importable("keras") and _importable("tensorflow")):
+        return
+    if "tensorflow" in sys.modules and "keras" not in sys.modules:
+        return
+    try:
+        importlib.import_module("normkit_tensorflow.layers")
+    except Exception as error:  # reported; the first use of a layer raises it again
+        warnings.warn(
+            f"normkit_tensorflow could not register its Keras layers ({type(error).__name__}: {error}); "
+            f"normkit's TensorFlow kernels are unaffected",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+_register_keras_layers()

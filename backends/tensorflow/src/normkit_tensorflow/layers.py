@@ -18,10 +18,19 @@ kernels underneath (statistics in float32 for float16/bfloat16 input).
 
 As in Keras, batch statistics are used only when ``training`` is true *and* the layer is
 trainable; a frozen layer (``trainable=False``) normalizes with its moving statistics.
+
+The layers are registered with Keras's serialization as ``"normkit>BatchNormalization"``,
+``"normkit>LayerNormalization"`` and ``"normkit>InstanceNormalization"`` (importing
+:mod:`normkit_tensorflow` imports this module): those names are in every ``.keras`` file
+saved with them, so they do not change.
+
+They run on Keras's TensorFlow backend only: constructing one under another
+(``KERAS_BACKEND=torch`` or ``jax``) raises :class:`RuntimeError`.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +47,32 @@ from normkit_tensorflow import kernels
 __all__ = ["BatchNormalization", "InstanceNormalization", "LayerNormalization"]
 
 PACKAGE = "normkit"
+"""The package of the registered names (``"normkit>BatchNormalization"``), written into every
+``.keras`` file: changing it (or a class name) would stop saved models from loading."""
+
+
+def _check_keras_backend(layer: str) -> None:
+    """Raise unless Keras runs on TensorFlow: the kernels take and return TensorFlow tensors,
+    which another backend cannot differentiate (its ``fit`` fails deep inside).
+
+    A :class:`RuntimeError`, not a ``ValueError``: no argument is wrong, and none would fix it;
+    the process's Keras was set up, when it was imported, for another backend.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return
+    setting = os.environ.get("KERAS_BACKEND")
+    source = (
+        f"KERAS_BACKEND={setting!r}"
+        if setting
+        else "KERAS_BACKEND is not set, so Keras took it from its keras.json"
+    )
+    raise RuntimeError(
+        f"normkit_tensorflow.{layer} runs on Keras's TensorFlow backend only, but this process's "
+        f"Keras uses the {backend!r} backend ({source}). Set the environment variable "
+        f"KERAS_BACKEND=tensorflow before keras is first imported (Keras fixes its backend on import). "
+        f"Support for Keras's other backends is planned."
+    )
 
 
 def _keras_momentum(momentum: float | None, preset: presets.Preset) -> float:
@@ -149,6 +184,7 @@ class BatchNormalization(_PresetOptions, keras.layers.BatchNormalization):
         preset: str = "keras",
         **kwargs: Any,
     ) -> None:
+        _check_keras_backend("BatchNormalization")
         _unsupported(renorm=renorm, synchronized=synchronized)
         p = presets.get_preset(preset)
         super().__init__(
@@ -282,6 +318,7 @@ class LayerNormalization(_PresetOptions, keras.layers.LayerNormalization):
         preset: str = "keras",
         **kwargs: Any,
     ) -> None:
+        _check_keras_backend("LayerNormalization")
         _unsupported(rms_scaling=kwargs.pop("rms_scaling", False))
         p = presets.get_preset(preset)
         super().__init__(
@@ -371,6 +408,7 @@ class InstanceNormalization(_PresetOptions, keras.layers.Layer):
         preset: str = "keras",
         **kwargs: Any,
     ) -> None:
+        _check_keras_backend("InstanceNormalization")
         super().__init__(**kwargs)
         p = presets.get_preset(preset)
         self._set_preset(p)
