@@ -12,6 +12,7 @@ from normkit.functional import BatchNormResult, InstanceNormResult, batch_norm, 
 from normkit.hookspecs import SPEC_VERSION, BackendInfo
 from normkit.layers import BatchNorm, InstanceNorm, LayerNorm, convert_state_dict
 from normkit.presets import DEFAULT, PRESETS, Preset, get_preset
+from normkit.state_files import load_state, save_state
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,8 @@ __all__ = [
     "hookimpl",
     "instance_norm",
     "layer_norm",
+    "load_state",
     "register_backend",
+    "save_state",
     "unregister_backend",
 ]

@@ -11,6 +11,9 @@ A state dict is a plain ``dict``:
 
 Loading validates everything before anything is assigned: a state dict that does not fit
 raises :class:`~normkit.errors.StateDictError` and leaves the layer as it was.
+
+:func:`normkit.save_state` and :func:`normkit.load_state` write a state dict to a safetensors
+file and read it back (see :mod:`normkit.state_files`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``import normkit`` and NumPy work import no framework, even with the frameworks installed."""
+"""``import normkit`` and NumPy work (state files included) import no framework, even with the frameworks
+installed; ``import normkit`` imports not even safetensors."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ layer(x)
 layer.eval()(x)
 normkit.layer_norm(x, (4, 4))
 normkit.instance_norm(x)
+import os, tempfile
+with tempfile.TemporaryDirectory() as directory:  # state files: safetensors.numpy, no framework
+    path = os.path.join(directory, "bn.safetensors")
+    normkit.save_state(layer.state_dict(), path)
+    normkit.BatchNorm.from_state_dict(normkit.load_state(path))
 print(",".join(name for name in {frameworks!r} if name in sys.modules) or "none")
 """
 
@@ -45,7 +51,7 @@ def test_numpy_work_imports_no_framework() -> None:
 
 def test_import_normkit_imports_neither_frameworks_nor_the_testing_tools() -> None:
     code = "import sys, normkit; print(sorted(m for m in sys.modules if m.split('.')[0] in {}))"
-    heavy = (*FRAMEWORKS, "pytest", "hypothesis", "ml_dtypes", "matplotlib")
+    heavy = (*FRAMEWORKS, "pytest", "hypothesis", "ml_dtypes", "matplotlib", "safetensors")
     process = subprocess.run(
         [sys.executable, "-c", code.format(heavy)], capture_output=True, text=True, timeout=60
     )
