@@ -39,10 +39,22 @@ with :math:`a_s = 64\,\epsilon_c M` for the mean and :math:`a_s = (16\,\epsilon_
 variance, where ``M`` is the largest input magnitude seen (a float32 mean of data at
 :math:`10^4` is only known to :math:`\epsilon_c \cdot 10^4`, and its error enters the variance
 squared).
+
+Tests that compare two implementations with each other, rather than one with the reference,
+derive their tolerances from the same epsilons (a picked constant breaks on the next CPU):
+
+* one normalization call, two implementations: each is within the bound above of the exact
+  value, so they agree within twice it (:func:`agreement_tolerance`, :meth:`Tolerance.pairwise`);
+* a model trained side by side for ``K`` steps: every step rounds its reductions of ``N`` terms
+  in its own order, about :math:`\sqrt{N}\,\epsilon_c` of what they sum
+  (:func:`reduction_growth`), and the steps add up (:func:`training_tolerance`);
+* a gradient against central differences of the reference: truncation plus rounding
+  (:func:`central_difference_error`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,9 +64,15 @@ __all__ = [
     "CONDITIONING_FACTOR",
     "EPS",
     "Tolerance",
+    "agreement_tolerance",
+    "centering_gain",
+    "central_difference_error",
     "compute_dtype",
     "output_tolerance",
+    "reduction_growth",
+    "statistics_effect",
     "statistics_tolerance",
+    "training_tolerance",
 ]
 
 EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
@@ -83,11 +101,26 @@ class Tolerance:
     def bound(self, reference: np.ndarray, conditioning: float) -> np.ndarray:
         return self.rtol * np.abs(reference) + self.atol + CONDITIONING_FACTOR * conditioning
 
+    def pairwise(self) -> Tolerance:
+        """The tolerance between two results that are each within this one of the exact value:
+        twice it, by the triangle inequality (to first order: ``|ref|`` and ``|b|`` differ by
+        ``rtol*|ref|``)."""
+        return Tolerance(rtol=2 * self.rtol, atol=2 * self.atol)
 
-def output_tolerance(dtype: str) -> Tolerance:
-    """Tolerance for a normalized output of the given input dtype."""
+    @property
+    def kwargs(self) -> dict[str, float]:
+        """``{"rtol": ..., "atol": ...}``, for ``numpy.testing.assert_allclose`` and
+        ``torch.testing.assert_close``, which check ``|got - expected| <= atol + rtol*|expected|``."""
+        return {"rtol": self.rtol, "atol": self.atol}
+
+
+def output_tolerance(dtype: str, *, centering_gain: float = 0.0) -> Tolerance:
+    r"""Tolerance for a normalized output of the given input dtype; with ``centering_gain``
+    :math:`g = \max|\mu|\,|\gamma|/\sqrt{\sigma^2+\epsilon}` (over the groups, for the statistics
+    used), the centering term :math:`2\,\epsilon_c\,g` joins ``atol`` (the runner adds it per
+    element instead)."""
     r = EPS[dtype] + 64 * EPS[compute_dtype(dtype)]
-    return Tolerance(rtol=r, atol=r)
+    return Tolerance(rtol=r, atol=r + CENTERING_FACTOR * EPS[compute_dtype(dtype)] * centering_gain)
 
 
 def statistics_tolerance(dtype: str, statistic: str, magnitude: float) -> Tolerance:
@@ -96,3 +129,150 @@ def statistics_tolerance(dtype: str, statistic: str, magnitude: float) -> Tolera
     eps_c = EPS[compute_dtype(dtype)]  # also the stored statistics' dtype (float32, or float64)
     atol = 64 * eps_c * magnitude if statistic == "mean" else (16 * eps_c * magnitude) ** 2
     return Tolerance(rtol=64 * eps_c, atol=atol)
+
+
+def centering_gain(mean: object, var: object, eps: float, weight: object = None) -> float:
+    r""":math:`\max|\mu|\,|\gamma|/\sqrt{\sigma^2+\epsilon}` over the groups, for
+    :func:`output_tolerance` and :func:`agreement_tolerance`: how far an output moves per unit of
+    relative error in the mean subtracted (``mean``, ``var`` and ``weight`` broadcast together;
+    ``weight=None`` is γ = 1)."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    gamma = 1.0 if weight is None else np.abs(np.asarray(weight, np.float64))
+    return float(np.max(np.abs(mean) * gamma / np.sqrt(var + eps)))
+
+
+def agreement_tolerance(dtype: str, *, centering_gain: float = 0.0) -> Tolerance:
+    r"""Tolerance between two implementations of one normalization call on the same input of the
+    given dtype (normkit against ``torch.nn`` or Keras, or two backends).
+
+    Each is held by the suite to :math:`r|y| + r` of the exact value plus the centering term
+    :math:`2\,\epsilon_c\,g` (:data:`CENTERING_FACTOR`), with ``centering_gain``
+    :math:`g = \max|\mu|\,|\gamma| / \sqrt{\sigma^2+\epsilon}` over the groups (for the statistics
+    used: batch or running); so the two agree within twice that:
+
+    .. math::
+
+       |a - b| \le 2r\,|b| + 2r + 2 \cdot 2\,\epsilon_c\,g .
+
+    The conditioning term of :meth:`Tolerance.bound` is left out: it is below the others unless
+    the data sits thousands of σ from 0, where a test should measure it as the runner does."""
+    return output_tolerance(dtype, centering_gain=centering_gain).pairwise()
+
+
+def statistics_effect(
+    x: object,
+    mean: object,
+    var: object,
+    eps: float,
+    weight: object = None,
+    *,
+    mean_error: object,
+    var_error: object,
+) -> np.ndarray:
+    r"""How far an output normalized with the statistics ``mean`` and ``var`` moves, to first
+    order, when they are off by up to ``mean_error`` and ``var_error``: for an eval output
+    computed by two implementations from their own running statistics, whose difference is
+    bounded by :func:`statistics_tolerance` (:meth:`Tolerance.pairwise`). With
+    :math:`s = \sqrt{\sigma^2+\epsilon}` and :math:`\hat x = (x - \mu)/s`, since
+    :math:`\partial y/\partial\mu = -\gamma/s` and
+    :math:`\partial y/\partial\sigma^2 = -\gamma\hat x/(2s^2)`:
+
+    .. math::
+
+       |\Delta y| \le \frac{|\gamma|}{s}\,\delta_\mu + \frac{|\gamma\,\hat x|}{2s^2}\,\delta_{\sigma^2}
+
+    elementwise (every argument broadcast against ``x``; ``weight=None`` is γ = 1)."""
+    x, mean, var = (np.asarray(a, np.float64) for a in (x, mean, var))
+    gamma = 1.0 if weight is None else np.abs(np.asarray(weight, np.float64))
+    s = np.sqrt(var + eps)
+    xhat = np.abs(x - mean) / s
+    return gamma / s * np.asarray(mean_error) + gamma * xhat / (2 * s**2) * np.asarray(var_error)
+
+
+def reduction_growth(terms: int) -> float:
+    r""":math:`\sqrt{n}`: the rounding error of a float sum of ``n`` terms, in units of
+    :math:`\epsilon\sum|t_i|`.
+
+    Recursive summation is off by :math:`(n-1)\,\epsilon\sum|t_i|` only when every rounding error
+    has the same sign; rounding errors behave as independent zero-mean variables, so the error
+    grows as :math:`\lambda\sqrt{n}\,\epsilon\sum|t_i|` with :math:`\lambda` of order one (Higham
+    and Mary, *A new approach to probabilistic rounding error analysis*, SIAM J. Sci. Comput. 41,
+    2019); a blocked (vectorized) sum of ``w`` lanes is recursive over :math:`n/w` terms per lane,
+    and pairwise summation stays within :math:`\lceil\log_2 n\rceil\,\epsilon` even in the worst
+    case. Two implementations that sum in different orders (other kernels, another vector
+    width) differ by at most the sum of their errors. Independent reductions along one computation add their errors in quadrature,
+    so for a chain of them ``n`` is the total number of terms summed."""
+    return math.sqrt(max(int(terms), 1))
+
+
+def training_tolerance(dtype: str, *, steps: int, reduction_size: int, scale: float) -> Tolerance:
+    r"""Tolerance between two implementations of one model trained side by side on the same data
+    for ``steps`` optimizer steps and then evaluated once (``steps=0``: one forward pass).
+
+    *One step.* A forward pass, a backward pass and the update round in every reduction. Where
+    two implementations sum in different orders their results differ by about
+    :math:`\sqrt{N}\,\epsilon_c` times the magnitudes summed (:func:`reduction_growth`), with
+    ``reduction_size`` :math:`N` the number of terms summed along the step: every reduction on
+    the path from the input to the loss and back. The update :math:`\theta - \eta g` rounds once
+    more, by :math:`\epsilon_c|\theta|`.
+
+    *K steps.* Each step's difference is carried in the weights into every later step. At a
+    learning rate inside the stable range, for a few steps, a carried difference is not amplified
+    (it grows by at most :math:`(1 + \eta\lVert H\rVert)^K`, close to 1 there, with :math:`H` the
+    loss's Hessian), so the differences add up: one per step, plus one for the forward pass whose
+    results are compared:
+
+    .. math::
+
+       |a - b| \le r\,(|b| + s), \qquad r = \epsilon_d + (K + 1)\sqrt{N}\,\epsilon_c ,
+
+    with :math:`\epsilon_d` the final rounding to the storage dtype and ``scale`` :math:`s` what
+    the rounding is relative to:
+
+    * for an output (a prediction, an activation), its largest magnitude;
+    * for weights, the largest change one step made to a weight, :math:`\eta\max|g|`: a
+      gradient's rounding is relative to the terms it sums, not to its value, and the update
+      carries it into the weight; a weight whose exact gradient cancels (a bias just before a
+      normalization) moves by such rounding only.
+
+    Rounding errors favour neither sign, so summing the steps linearly over-covers by about
+    :math:`\sqrt{K}`. A semantic difference (another eps, momentum or variance estimator) moves
+    results by orders of magnitude more than :math:`r`; the tests that use this check that it
+    still fails them."""
+    if steps < 0:
+        raise ValueError(f"steps={steps!r}: expected a count >= 0")
+    r = EPS[dtype] + (steps + 1) * reduction_growth(reduction_size) * EPS[compute_dtype(dtype)]
+    return Tolerance(rtol=r, atol=r * scale)
+
+
+def central_difference_error(
+    *,
+    step: float,
+    value_error: float,
+    third_derivative: float | np.ndarray = 0.0,
+    argument: float | np.ndarray = 0.0,
+    derivative: float | np.ndarray = 0.0,
+    dtype: str = "float64",
+) -> float | np.ndarray:
+    r"""The largest error of the central difference :math:`D = (f(a+h) - f(a-h)) / 2h`, evaluated
+    in ``dtype`` with ``step`` :math:`h`, as an estimate of :math:`f'(a)`:
+
+    .. math::
+
+       |D - f'(a)| \le \frac{h^2}{6} M_3 + \frac{E}{h} + \frac{\epsilon\,|a|\,|f'(a)|}{h} .
+
+    * *Truncation.* Taylor's theorem gives :math:`f(a \pm h) = f \pm h f' + \tfrac{h^2}{2} f''
+      \pm \tfrac{h^3}{6} f^{(3)}(\xi_\pm)`, so :math:`D - f' = \tfrac{h^2}{12}(f^{(3)}(\xi_+) +
+      f^{(3)}(\xi_-))`: at most :math:`h^2 M_3 / 6`, with ``third_derivative``
+      :math:`M_3 \ge |f^{(3)}|` within ``h`` of ``a`` (0 where ``f`` is affine in ``a``).
+    * *Rounding of f.* Each evaluation is off by at most ``value_error`` :math:`E`, their
+      difference by :math:`2E`, which is divided by :math:`2h`.
+    * *Rounding of the argument.* :math:`a + h` and :math:`(a + h) - 2h` are each stored within
+      :math:`\epsilon|a|/2` (twice that for the second), so the step taken is off by up to
+      :math:`\tfrac32\epsilon|a|` of :math:`2h`, a relative error below :math:`\epsilon|a|/h` of
+      :math:`f'` (``argument`` :math:`|a|`, ``derivative`` :math:`|f'(a)|`).
+
+    The step that minimizes the sum balances the first two terms: :math:`h = (3E/M_3)^{1/3}`."""
+    eps = EPS[dtype]
+    truncation = step**2 / 6 * np.abs(third_derivative)
+    return truncation + value_error / step + eps * np.abs(argument) * np.abs(derivative) / step

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from normkit.check import available_backends, run_check
+from normkit.testing.tolerances import output_tolerance
 
 FIRST_PARTY = ("numpy", "torch", "tensorflow")
 
@@ -52,13 +53,25 @@ def test_tensorflow_and_torch_gradients_agree_in_float64(op, shape, axis, mode, 
         kernel = getattr(kernels, op)
         return kernel(x, w, b, as_tensor(rm), as_tensor(rv), mode, 0.1, 1e-5, axis, unbiased)[0]
 
-    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
-    (call(torch_kernels, torch.tensor, tx, tw, tb) * torch.tensor(g)).sum().backward()
+    def torch_gradients(x, w, b, g) -> list[np.ndarray]:
+        tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+        (call(torch_kernels, torch.tensor, tx, tw, tb) * torch.tensor(g)).sum().backward()
+        return [t.grad.numpy() for t in (tx, tw, tb)]
+
+    expected = torch_gradients(x, w, b, g)
+    # The suite's float64 bound around torch's gradients, doubled for two implementations, with
+    # the conditioning it measures: how far torch's gradients move when every input is
+    # perturbed by one ulp (a backward-stable implementation is exact for inputs that close).
+    ulp = np.finfo(np.float64).eps
+    perturbed = torch_gradients(*(a * (1 + ulp * rng.uniform(-1, 1, size=a.shape)) for a in (x, w, b, g)))
     fx, fw, fb = (tf.constant(a) for a in (x, w, b))
     with tf.GradientTape() as tape:
         tape.watch([fx, fw, fb])
         loss = tf.reduce_sum(call(tf_kernels, tf.constant, fx, fw, fb) * tf.constant(g))
-    for name, t, f in zip(
-        ("x", "weight", "bias"), (tx, tw, tb), tape.gradient(loss, [fx, fw, fb]), strict=True
+    tolerance = output_tolerance("float64").pairwise()
+    for name, e, p, f in zip(
+        ("x", "weight", "bias"), expected, perturbed, tape.gradient(loss, [fx, fw, fb]), strict=True
     ):
-        np.testing.assert_allclose(f.numpy(), t.grad.numpy(), rtol=1e-10, atol=1e-10, err_msg=name)
+        bound = tolerance.bound(e, 2 * float(np.abs(p - e).max()))
+        error = np.abs(f.numpy() - e)
+        assert np.all(error <= bound), f"{name}: error {error.max():.3g}, allowed {bound.min():.3g}"
