@@ -375,7 +375,7 @@ def format_table(results: list[BenchResult], markdown: bool = False) -> str:
 
 def noise_warning(results: list[BenchResult]) -> str | None:
     """A warning naming the rows measured with more than :data:`NOISY` noise, if any."""
-    noisy = list(dict.fromkeys(f"{r.workload} {r.mode}" for r in results if r.noise > NOISY))
+    noisy = list(dict.fromkeys(f"{r.workload} {r.mode} on {r.backend}" for r in results if r.noise > NOISY))
     if not noisy:
         return None
     return (

@@ -157,7 +157,10 @@ def test_bench_warns_when_a_row_is_noisy() -> None:
 
     assert noise_warning([_result("tiny", 0.25), _result("bn1d", 0.1)]) is None
     warning = noise_warning([_result("tiny", 0.4), _result("bn1d", 0.56), _result("ln-768", 0.2)])
-    assert warning is not None and "noise above 25 % in 2 row(s) (tiny train, bn1d train)" in warning
+    assert (
+        warning is not None
+        and "noise above 25 % in 2 row(s) (tiny train on numpy, bn1d train on numpy)" in warning
+    )
 
 
 def test_no_timed_callable_can_shadow_another() -> None:
