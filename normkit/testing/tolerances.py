@@ -68,6 +68,7 @@ __all__ = [
     "centering_gain",
     "central_difference_error",
     "compute_dtype",
+    "normalization_gradient_tolerances",
     "output_tolerance",
     "reduction_growth",
     "statistics_effect",
@@ -276,3 +277,41 @@ def central_difference_error(
     eps = EPS[dtype]
     truncation = step**2 / 6 * np.abs(third_derivative)
     return truncation + value_error / step + eps * np.abs(argument) * np.abs(derivative) / step
+
+
+def normalization_gradient_tolerances(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    upstream: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    *,
+    batch_statistics: bool,
+    step: float,
+) -> list[tuple[float, float]]:
+    r"""``(rtol, atol)`` for the gradients of :math:`L = \sum g\,y` with respect to ``x``,
+    ``weight`` and ``bias`` estimated by float64 central differences with ``step`` :math:`h`,
+    where :math:`y = \gamma (x - \mu)/s + \beta` (all broadcast to ``x``; ``upstream`` is ``g``,
+    ``std`` is :math:`s = \sqrt{\sigma^2 + \epsilon}`), from :func:`central_difference_error`:
+
+    * :math:`E`, the rounding of one evaluation of L: the statistics (two sums of at most
+      :math:`N` = ``x.size`` terms, :math:`\sqrt N\epsilon` each of what they sum), four
+      elementwise steps, the products with g and the loss's sum (:math:`\sqrt N\epsilon`) leave
+      at most :math:`(2\sqrt N + 6)\,\epsilon\sum|g|\,(|\gamma|(1 + |\hat x| + |\mu|/s) + |\beta|)`.
+    * :math:`M_3`: L is affine in γ and β (no truncation error there) and, with running
+      statistics, in x. With batch statistics, along one element t of x,
+      :math:`L = (P + Qt)/s(t)` with :math:`s(t)^2` quadratic in t; differentiating
+      :math:`1/s(t)` and using :math:`|\hat x| \le \sqrt n` gives
+      :math:`|\partial^3 L/\partial t^3| \le 48\max|g\gamma|/s^3`.
+    * The argument's rounding, :math:`\epsilon|a|\,|f'|/h`: ``rtol`` (times :math:`|f'|`)."""
+    eps = EPS["float64"]
+    g = np.abs(upstream)
+    terms = g * (np.abs(weight) * (1 + np.abs((x - mean) / std) + np.abs(mean) / std) + np.abs(bias))
+    value_error = (2 * reduction_growth(x.size) + 6) * eps * float(terms.sum())
+    third = 48 * g.max() * np.abs(weight).max() / std.min() ** 3 if batch_statistics else 0.0
+    tolerances = []
+    for array, third_derivative in ((x, third), (weight, 0.0), (bias, 0.0)):
+        atol = central_difference_error(step=step, value_error=value_error, third_derivative=third_derivative)
+        tolerances.append((eps * float(np.abs(array).max()) / step, float(atol)))
+    return tolerances

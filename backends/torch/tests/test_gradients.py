@@ -22,9 +22,8 @@ import normkit_torch
 from normkit import reference
 from normkit.testing.tolerances import (
     centering_gain,
-    central_difference_error,
+    normalization_gradient_tolerances,
     output_tolerance,
-    reduction_growth,
     training_tolerance,
 )
 from normkit_torch import kernels
@@ -283,7 +282,7 @@ def test_layer_gradients_accumulate_like_torch_nn() -> None:
 # c. central finite differences of the float64 reference
 # --------------------------------------------------------------------------------------------
 
-FD_STEP = 1e-6  # central differences in float64; their error bound: _fd_tolerances
+FD_STEP = 1e-6  # central differences in float64; their error bound: normalization_gradient_tolerances
 
 
 def _statistics(op, x, axis, mode, rm, rv) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -305,34 +304,6 @@ def _broadcast(param: np.ndarray, op: str, ndim: int, axis) -> np.ndarray:  # ty
     for a, size in zip((axis if op == "layer_norm" else (axis,)), param.shape, strict=True):
         shape[a] = size
     return param.reshape(shape)
-
-
-def _fd_tolerances(x, w, b, g, mean, s, batch_statistics) -> list[tuple[float, float]]:  # type: ignore[no-untyped-def]
-    r"""``(rtol, atol)`` for x, weight and bias: :func:`central_difference_error` of the float64
-    loss :math:`L = \sum g\,y` at step FD_STEP.
-
-    * E, the rounding of one evaluation of L: the statistics (two sums of at most N = x.size
-      terms, :math:`\sqrt N\epsilon` each of what they sum), four elementwise steps, the
-      products with g and the loss's sum (:math:`\sqrt N\epsilon`) leave at most
-      :math:`(2\sqrt N + 6)\,\epsilon\sum|g|\,(|\gamma|(1 + |\hat x| + |\mu|/s) + |\beta|)`.
-    * M3: L is affine in γ and β (no truncation error there) and, with running statistics, in x.
-      With batch statistics, along one element t of x, :math:`L = (P + Qt)/s(t)` with
-      :math:`s(t)^2` quadratic in t; differentiating :math:`1/s(t)` and using
-      :math:`|\hat x| \le \sqrt n` gives :math:`|\partial^3 L/\partial t^3| \le
-      48\max|g\gamma|/s^3`.
-    * The argument rounding: :math:`\epsilon|a|\,|f'|/h` (``rtol`` below, times :math:`|f'|`).
-    """
-    eps = float(np.finfo(np.float64).eps)
-    terms = np.abs(g) * (np.abs(w) * (1 + np.abs((x - mean) / s) + np.abs(mean) / s) + np.abs(b))
-    value_error = (2 * reduction_growth(x.size) + 6) * eps * float(terms.sum())
-    third = 48 * np.abs(g).max() * np.abs(w).max() / s.min() ** 3 if batch_statistics else 0.0
-    tolerances = []
-    for array, third_derivative in ((x, third), (w, 0.0), (b, 0.0)):
-        atol = central_difference_error(
-            step=FD_STEP, value_error=value_error, third_derivative=third_derivative
-        )
-        tolerances.append((eps * float(np.abs(array).max()) / FD_STEP, float(atol)))
-    return tolerances
 
 
 def _finite_difference(loss, arrays: list[np.ndarray]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
@@ -425,7 +396,9 @@ def test_gradients_match_finite_differences_of_reference(
     tolerance = output_tolerance("float64", centering_gain=gain)
     np.testing.assert_allclose(y, ref(x, w, b), **tolerance.kwargs)  # the same function, first
     numeric = _finite_difference(loss, [x, w, b])
-    tolerances = _fd_tolerances(x, wb, bb, g, mean, s, batch_statistics)
+    tolerances = normalization_gradient_tolerances(
+        x, wb, bb, g, mean, s, batch_statistics=batch_statistics, step=FD_STEP
+    )
     for name, a, n, (rtol, atol) in zip(("x", "weight", "bias"), autograd, numeric, tolerances, strict=True):
         assert np.abs(n).max() > 1e-2, name  # a gradient worth comparing
         np.testing.assert_allclose(a, n, rtol=rtol, atol=atol, err_msg=name)
