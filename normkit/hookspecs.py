@@ -129,7 +129,9 @@ class BackendInfo:
     :param distribution: the distribution that provides the backend (``"normkit-torch"``),
         named in install hints.
     :param array_types: the array classes this backend handles, as ``"module:QualName"``
-        strings (``"torch:Tensor"``); subclasses are included.
+        strings (``"torch:Tensor"``); subclasses are included, except those whose meaning
+        the kernels would silently drop: ``numpy.ma.MaskedArray`` is not claimed by
+        ``"numpy:ndarray"`` (every op refuses it with a ``TypeError``) unless named itself.
     :param dtypes: supported dtypes by name, from ``float16``, ``bfloat16``, ``float32``,
         ``float64``.
     :param devices: devices the backend can put arrays on (``"cpu"``, ``"cuda"``); the first
