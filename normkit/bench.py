@@ -326,7 +326,9 @@ NOISY = 0.25
 
 LEGEND = """\
 normkit    median time of one call of normkit's op (module rows: normkit's layer, called eagerly)
-native     the framework's own op or layer on the same data, timed in the same rounds (in brackets)
+native     the framework's own op or layer on the same data, timed in the same rounds; in brackets:
+           torch = PyTorch's ATen op (torch.nn.functional), torch.nn = its module, keras = Keras's
+           layer, tf.nn = tf.nn.moments + tf.nn.batch_normalization (one row per native)
 floor      copying the input once in the backend's framework: no normalization can cost less
 x native   median of the per-round ratios normkit / native (below 1: normkit is faster)
 x floor    median of the per-round ratios normkit / floor

@@ -86,7 +86,10 @@ def _not_an_array_message(x: object, min_ndim: int, what: str, reason: str) -> s
         return masked
     expected = f"{what} expects an array with at least {dimensions(min_ndim)}"
     if is_subclass_of_named(cls, "numpy:generic"):
-        return f"x is a {type_name(cls)} scalar, not an array; {expected} ({reason})"
+        return (
+            f"x is a {type_name(cls)} scalar, not an array; {expected}: normalization needs a group of "
+            f"values, e.g. np.asarray(values, dtype=np.float32) with shape (batch, channels, ...)"
+        )
     unhandled = f"no normkit backend handles arrays of type {type_name(cls)}"
     if isinstance(x, (bool, int, float, complex)):
         return (

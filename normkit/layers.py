@@ -179,7 +179,9 @@ class _Layer:
         metadata = state_dict.get(METADATA_KEY) if isinstance(state_dict, Mapping) else None
         if not isinstance(metadata, Mapping):
             raise StateDictError(
-                f"state_dict has no {METADATA_KEY!r}; {cls.__name__}.from_state_dict needs the saved configuration"
+                f"state_dict has no {METADATA_KEY!r}; {cls.__name__}.from_state_dict needs the saved configuration. "
+                f"For a state without it (a torch.nn state_dict, a file written by safetensors.torch), configure "
+                f"the layer and load into it: {cls.__name__}(preset=...).load_state_dict(state_dict)"
             )
         if metadata.get("layer") != cls.__name__:
             raise StateDictError(

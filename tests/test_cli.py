@@ -32,7 +32,7 @@ def test_check_prints_the_agreement_matrix_and_passes(capsys: pytest.CaptureFixt
     assert main(["check", "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
     assert "numpy  (max abs error, its tolerance)" in out
-    assert "how cases are judged: docs/conformance.md" in out
+    assert "\nHow cases are judged: docs/conformance.md\n" in out
     for op in ("batch_norm", "instance_norm", "layer_norm"):
         for dtype in ("float16", "float32", "float64"):
             line = next(line for line in out.splitlines() if line.split()[:3] == [op, dtype, "pass"])

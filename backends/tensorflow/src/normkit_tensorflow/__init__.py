@@ -41,6 +41,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'normkit_tensorflow' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAYERS})
+
+
 def _importable(name: str) -> bool:
     return name in sys.modules or importlib.util.find_spec(name) is not None
 
