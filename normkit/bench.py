@@ -395,26 +395,36 @@ def write_plot(results: list[BenchResult], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(dict.fromkeys(f"{r.workload}\n{r.mode}" for r in results))
+    keys = list(dict.fromkeys(f"{r.workload} {r.mode}" for r in results))
     backends = list(dict.fromkeys(r.backend for r in results))
+    natives = list(dict.fromkeys(str(r.native) for r in results if r.ratio_to_native is not None))
+    markers = dict(zip(natives, "_x+.1dv^", strict=False))  # one marker per native op
     width = 0.8 / max(len(backends), 1)
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.9 * len(keys) + 2), 4.0))
-    natives_drawn: set[str] = set()
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.45 * len(keys) + 2), 4.5))
+    drawn: set[str] = set()
     for index, backend in enumerate(backends):
-        mine = {f"{r.workload}\n{r.mode}": r for r in results if r.backend == backend}
+        mine = {f"{r.workload} {r.mode}": r for r in results if r.backend == backend}
         positions = [k + index * width for k, key in enumerate(keys) if key in mine]
         values = [mine[key].ratio_to_floor for key in keys if key in mine]
         axes.bar(positions, values, width, label=f"normkit ({backend})")
-        for k, key in enumerate(keys):
-            r = mine.get(key)
-            if r is None or r.ratio_to_native is None:
+        for r in results:  # every native of every row (a backend may have several per workload)
+            if r.backend != backend or r.ratio_to_native is None:
                 continue
-            native_to_floor = r.ratio_to_floor / r.ratio_to_native
-            label = f"native: {r.native}" if r.native not in natives_drawn else None
-            natives_drawn.add(str(r.native))
-            axes.plot(k + index * width, native_to_floor, "k_", markersize=14, label=label)
+            native = str(r.native)
+            x = keys.index(f"{r.workload} {r.mode}") + index * width
+            label = f"native: {native}" if native not in drawn else None
+            drawn.add(native)
+            axes.plot(
+                x, r.ratio_to_floor / r.ratio_to_native, "k" + markers[native], markersize=8, label=label
+            )
     axes.axhline(1.0, color="grey", linewidth=0.8)
-    axes.set_xticks([k + width * (len(backends) - 1) / 2 for k in range(len(keys))], keys, fontsize=7)
+    axes.set_xticks(
+        [k + width * (len(backends) - 1) / 2 for k in range(len(keys))],
+        keys,
+        fontsize=7,
+        rotation=60,
+        ha="right",
+    )
     axes.set_yscale("log")
     axes.set_ylabel("time / bandwidth floor (log)")
     axes.set_title("time as a multiple of a copy of the input; lower is better", fontsize=10)

@@ -170,7 +170,8 @@ def _torch_modules(
     mine, native = getattr(normkit_torch, name)(size), getattr(nn, name)(size)
     if mode == "train":
         return (lambda: mine(x)), {"torch.nn": lambda: native(x)}
-    mine.eval(), native.eval()
+    mine.eval()
+    native.eval()
 
     def inference(module: Any) -> Callable[[], Any]:
         def call() -> Any:

@@ -1,8 +1,8 @@
 """``normkit check``: every installed backend against the float64 reference, and pairwise.
 
 Runs each conformance case (:data:`normkit.testing.cases.CASES`) on each backend, then prints
-two matrices: the largest error against the reference per operation x dtype x backend, the
-tolerance allowed at that value, and a pass/fail verdict (the tolerance policy of
+two matrices: per operation x dtype x backend, the error against the reference that comes
+nearest its tolerance (largest error / allowed error), that tolerance, and a pass/fail verdict (the tolerance policy of
 :mod:`normkit.testing.tolerances`; ``docs/conformance.md``), and, with two or
 more backends, the largest difference between each pair on the same inputs (allowed: the sum
 of both backends' tolerances).
@@ -18,7 +18,7 @@ import numpy as np
 
 from normkit._registry import registry
 from normkit.testing.cases import CASES, Case
-from normkit.testing.runner import CaseResult, run_case
+from normkit.testing.runner import CaseResult, run_case, tolerance_used
 
 __all__ = ["CheckReport", "available_backends", "run_check"]
 
@@ -36,7 +36,7 @@ class _Cell:
     cases: int = 0
     failed: int = 0
     skipped: int = 0
-    max_abs: float = 0.0
+    error: float = 0.0
     tolerance: float = 0.0
 
     def add(self, result: CaseResult) -> None:
@@ -45,14 +45,18 @@ class _Cell:
             return
         self.cases += 1
         self.failed += not result.passed
-        if result.max_abs_error >= self.max_abs:
-            self.max_abs, self.tolerance = result.max_abs_error, result.tolerance_at_max_error
+        if tolerance_used(result.worst_error, result.worst_tolerance) >= tolerance_used(
+            self.error, self.tolerance
+        ):
+            self.error, self.tolerance = result.worst_error, result.worst_tolerance
 
     def render(self) -> str:
         if self.cases == 0:
             return "skipped" if self.skipped else "-"
         verdict = "pass" if self.failed == 0 else f"FAIL {self.failed}/{self.cases}"
-        return f"{verdict:<5} {self.max_abs:.1e} (tol {self.tolerance:.1e})"
+        if self.tolerance == 0.0:  # nothing compared: every case raised or returned nothing
+            return f"{verdict:<5} (no values compared)"
+        return f"{verdict:<5} {self.error:.1e} (tol {self.tolerance:.1e})"
 
 
 @dataclass
@@ -99,7 +103,7 @@ class CheckReport:
         for b in names:
             for result in self.results[b]:
                 cells[result.case.op, result.case.dtype, b].add(result)
-        header = ["op", "dtype", *[f"{b}  (max abs error, its tolerance)" for b in names]]
+        header = ["op", "dtype", *[f"{b}  (error nearest its tolerance)" for b in names]]
         rows = [[op, dtype, *[cells[op, dtype, b].render() for b in names]] for op, dtype in self._rows()]
         return _table(header, rows)
 

@@ -90,9 +90,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name in report.no_device:
         print(f"{name}: installed, but has no device on this machine (skipped)")
     print(
-        "each row gathers the cases of one op and dtype; each cell: the largest error against the reference\n"
-        "and the tolerance allowed at that very value, derived from the dtype's epsilon and the case's\n"
-        "conditioning (so it differs between backends that err most at different values).\n"
+        "each row gathers the cases of one op and dtype; each cell: the error against the reference that\n"
+        "comes nearest its tolerance, and that tolerance, derived from the dtype's epsilon and the case's\n"
+        "conditioning (so it differs between backends that come nearest at different values).\n"
         "How cases are judged: docs/conformance.md"
     )
     print()

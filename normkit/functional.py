@@ -66,7 +66,7 @@ def _backend(x: Array, backend: str | None, min_ndim: int, what: str) -> Backend
     try:
         return backend_for(x) if backend is None else backend_named(backend, x)
     except TypeError as error:
-        message = _not_an_array_message(x, min_ndim, what, str(error))
+        message = _not_an_array_message(x, min_ndim, what)
         if message is None:
             raise
         raise (NoBackendError if isinstance(error, NoBackendError) else TypeError)(message) from None
@@ -77,9 +77,9 @@ def dimensions(n: int) -> str:
     return f"{n} dimension" if n == 1 else f"{n} dimensions"
 
 
-def _not_an_array_message(x: object, min_ndim: int, what: str, reason: str) -> str | None:
+def _not_an_array_message(x: object, min_ndim: int, what: str) -> str | None:
     """The error for an input ``x`` that no backend takes because it is a masked array, a
-    scalar, a list or a tuple (``reason`` is the registry's); ``None`` for anything else."""
+    scalar, a list or a tuple; ``None`` for anything else (the registry's error stands)."""
     cls = type(x)
     masked = unsupported_array_message(cls, "x", is_input=True)
     if masked is not None:

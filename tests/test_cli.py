@@ -31,7 +31,7 @@ def test_info(capsys: pytest.CaptureFixture[str]) -> None:
 def test_check_prints_the_agreement_matrix_and_passes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
-    assert "numpy  (max abs error, its tolerance)" in out
+    assert "numpy  (error nearest its tolerance)" in out
     assert "\nHow cases are judged: docs/conformance.md\n" in out
     for op in ("batch_norm", "instance_norm", "layer_norm"):
         for dtype in ("float16", "float32", "float64"):
@@ -67,6 +67,8 @@ def test_check_fails_with_exit_code_1_when_a_backend_is_wrong(capsys: pytest.Cap
         _registry.reset()
     out = capsys.readouterr().out
     assert "FAIL" in out and "numpy vs off-by-eps" in out and "normkit check: FAILED" in out
+    failing = re.findall(r"FAIL \d+/\d+ +(\S+) \(tol (\S+)\)", out)
+    assert failing and all(float(error) > float(tolerance) for error, tolerance in failing)
     assert "replay:  from normkit.testing import Case, run_case" in out
 
 

@@ -126,7 +126,7 @@ def test_check_runs_every_installed_backend_and_prints_the_pairwise_matrix() -> 
             raise SystemExit(main(["check"]))
         """)
     )
-    assert "numpy  (max abs error, its tolerance)" in out and "fakefw  (max abs error, its tolerance)" in out
+    assert "numpy  (error nearest its tolerance)" in out and "fakefw  (error nearest its tolerance)" in out
     assert "numpy vs fakefw" in out
     assert "every case passes on every backend" in out
 

@@ -55,8 +55,10 @@ class CaseResult:
     failures: list[str] = field(default_factory=list)
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
-    tolerance_at_max_error: float = 0.0
-    """The allowed error (the bound) at the value with the largest absolute error."""
+    worst_error: float = 0.0
+    """The error at the value nearest its tolerance (largest error / allowed error)."""
+    worst_tolerance: float = 0.0
+    """The allowed error at that value."""
     outputs: list[StepOutput] = field(default_factory=list)
 
     @property
@@ -339,6 +341,15 @@ def _play(case: Case, info: BackendInfo, backend: str, device: str | None, resul
             _compare(result, key, got, ref, bound, record=False)
 
 
+def tolerance_used(error: Any, bound: Any) -> Any:
+    """``error / bound``: how much of its tolerance an error uses (over 1 fails); NaN errors and
+    errors over a zero bound use an infinite share, a zero error over a zero bound none."""
+    error, bound = np.asarray(error, np.float64), np.asarray(bound, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(bound > 0, error / np.where(bound > 0, bound, 1.0), np.where(error > 0, np.inf, 0.0))
+    return np.where(np.isnan(error), np.inf, share)
+
+
 def _compare(
     result: CaseResult, where: str, got: np.ndarray, ref: np.ndarray, bound: np.ndarray, *, record: bool
 ) -> None:
@@ -350,9 +361,11 @@ def _compare(
     bad = ~(error <= bound)  # NaN counts as bad
     scale = float(np.abs(ref).max())
     max_error = math.inf if np.isnan(error).any() else float(error.max())
-    if max_error >= result.max_abs_error:  # the bound where this comparison errs most (NaN first)
-        worst = int(np.argmax(np.where(np.isnan(error), np.inf, error)))
-        result.tolerance_at_max_error = float(np.broadcast_to(bound, error.shape).flat[worst])
+    bound = np.broadcast_to(bound, error.shape)
+    used = tolerance_used(error, bound)
+    worst = int(np.argmax(used))
+    if used.flat[worst] >= tolerance_used(result.worst_error, result.worst_tolerance):
+        result.worst_error, result.worst_tolerance = float(error.flat[worst]), float(bound.flat[worst])
     result.max_abs_error = max(result.max_abs_error, max_error)
     result.max_rel_error = max(result.max_rel_error, max_error / scale if scale > 0 else max_error)
     if np.any(bad):

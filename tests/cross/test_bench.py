@@ -52,9 +52,11 @@ def test_natives_run_no_normkit_code_and_normkit_rows_do(
     def spy(calls: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1) -> dict[str, list[float]]:
         labels.append(list(calls))
 
+        job = len(labels) - 1
+
         def labelled(label: str, call: Callable[[], Any]) -> Callable[[], Any]:
             def run() -> Any:
-                running.append(label)
+                running.append(f"{job}/{label}")
                 try:
                     return call()
                 finally:
@@ -69,9 +71,14 @@ def test_natives_run_no_normkit_code_and_normkit_rows_do(
     assert {r.workload for r in results} == {w.name for w in TINY}
     assert all(r.native is not None for r in results)
     assert len(labels) == len({(r.workload, r.mode) for r in results})
-    ran = {label for label, _ in made}
-    for job in labels:
-        natives = [label for label in job if label.startswith(bench.NATIVE)]
-        assert natives and bench.NORMKIT + backend in job
-        assert not ran.intersection(natives), f"a native ran normkit's code: {sorted(set(made))}"
-    assert ran == {bench.NORMKIT + backend}
+    ran = {label for label, _ in made}  # "<job>/<label>" of every callable that ran normkit's code
+    for job, job_labels in enumerate(labels):
+        natives = [label for label in job_labels if label.startswith(bench.NATIVE)]
+        assert natives and bench.NORMKIT + backend in job_labels
+        assert not ran.intersection(f"{job}/{label}" for label in natives), (
+            f"job {job}: a native ran normkit's code"
+        )
+        assert f"{job}/{bench.NORMKIT}{backend}" in ran, (
+            f"job {job}: normkit's row ran none of normkit's code"
+        )
+    assert {label.split("/", 1)[1] for label in ran} == {bench.NORMKIT + backend}

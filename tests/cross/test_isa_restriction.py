@@ -1,6 +1,8 @@
 """The ``avx2`` tox environment holds every framework to AVX2 code; these tests check that each
 one obeyed, so that the cross-framework tests run there really ran on a narrower vector width
-than an AVX-512 machine's (they are skipped elsewhere).
+than an AVX-512 machine's (they are skipped elsewhere). On a CPU without AVX-512 the
+environment's own settings change nothing, so each mechanism is also proven in a subprocess with
+a setting narrower than the host: it must change what the framework reports or emits.
 
 Set by the environment: ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's CPU kernels),
 ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN, inside TensorFlow and PyTorch), ``NPY_DISABLE_CPU_FEATURES``
@@ -62,3 +64,53 @@ def test_onednn_in_tensorflow_runs_at_most_avx2() -> None:
     isa = [line for line in process.stdout.splitlines() if ",isa:" in line]
     assert isa, f"oneDNN printed no instruction set:\n{process.stdout[-2000:]}"
     assert all("AVX-512" not in line and "AVX512" not in line for line in isa), isa
+
+
+def _python(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter with ``env`` added; its stdout."""
+    process = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return process.stdout
+
+
+def test_numba_emits_no_512_bit_code_and_obeys_a_narrower_cpu() -> None:
+    pytest.importorskip("numba")
+    code = (
+        "import numba, numpy as np\n"
+        "@numba.njit\n"
+        "def axpy(a, x, y):\n"
+        "    for i in range(x.size):\n"
+        "        y[i] += a * x[i]\n"
+        "axpy(2.0, np.ones(64), np.ones(64))\n"
+        "print(axpy.inspect_asm(axpy.signatures[0]))\n"
+    )
+    assert "zmm" not in _python(code)  # this environment: haswell, AVX2 at most
+    assert "ymm" not in _python(code, NUMBA_CPU_NAME="nehalem", NUMBA_CPU_FEATURES="")  # SSE4.2 only
+
+
+def test_the_restrictions_take_effect_below_the_host() -> None:
+    """Each variable narrows its framework when asked for less than this CPU has."""
+    pytest.importorskip("torch")
+    torch_capability = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    assert _python(torch_capability, ATEN_CPU_CAPABILITY="default").strip() == "DEFAULT"
+    from numpy._core._multiarray_umath import __cpu_features__
+
+    if __cpu_features__.get("X86_V3"):  # NumPy's AVX2 dispatch target, off when disabled
+        features = "from numpy._core._multiarray_umath import __cpu_features__ as f; print(f['X86_V3'])"
+        assert _python(features, NPY_DISABLE_CPU_FEATURES="X86_V3").strip() == "False"
+
+
+def test_onednn_obeys_a_narrower_isa() -> None:
+    pytest.importorskip("tensorflow")
+    code = (
+        "import tensorflow as tf\n"
+        "tf.nn.conv2d(tf.random.normal((1, 8, 8, 3)), tf.random.normal((3, 3, 3, 4)), 1, 'SAME')\n"
+    )
+    output = _python(code, ONEDNN_VERBOSE="1", ONEDNN_MAX_CPU_ISA="SSE41")
+    assert any(",isa:" in line and "SSE4.1" in line for line in output.splitlines()), output[-2000:]
