@@ -14,13 +14,19 @@ a sum at a large offset).
 
 Results are float64 NumPy arrays whatever the input dtype. Options mirror the spec's kernel
 arguments (see :mod:`normkit.hookspecs`), with ``momentum`` the weight of the new batch.
+
+The statistics as values (spec version 2) have their oracle here too: :func:`moments` gives
+per-group ``(count, mean, m2)`` with :math:`M_2 = \sum_i (x_i - \mu)^2`, over the unmasked
+values when a mask is given; :func:`normalize` applies given statistics; :func:`group_norm` and
+:func:`rms_norm` are the two new layers' formulas (in exact float64 arithmetic: where a
+half-precision input is cast is a rounding the spec names, not a formula).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["batch_norm", "instance_norm", "layer_norm"]
+__all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "moments", "normalize", "rms_norm"]
 
 
 def _rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -163,4 +169,119 @@ def layer_norm(
         z = z * np.asarray(weight, dtype=np.float64).reshape(1, -1)
     if bias is not None:
         z = z + np.asarray(bias, dtype=np.float64).reshape(1, -1)
+    return np.transpose(z.reshape(moved.shape), np.argsort(others + axes))
+
+
+def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """``numerator / denominator``, and 0 where the denominator is 0: with ``eps = 0`` a
+    constant (or all-zero) group has a zero numerator there too, and normalizes to 0."""
+    safe = np.where(denominator > 0, denominator, 1.0)
+    return np.where(denominator > 0, numerator / safe, 0.0)
+
+
+def moments(
+    x: object, axes: tuple[int, ...], mask: object = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Per-group ``(count, mean, m2)`` of ``x`` reduced over ``axes`` (the other axes index the
+    groups, in order), in float64:
+
+    .. math::
+
+       n = \sum_i m_i, \qquad \mu = \frac1n \sum_i m_i x_i, \qquad
+       M_2 = \sum_i m_i (x_i - \mu)^2 ,
+
+    with :math:`m_i` the boolean ``mask`` (broadcast to ``x``; ``True`` counts) or 1. A group
+    with nothing counted is ``(0, 0, 0)``, the identity of the merge. The mean is corrected once
+    by the mean of its residuals, as everywhere in this module."""
+    x = np.asarray(x, dtype=np.float64)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    weights = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask, dtype=bool), x.shape)
+    others = tuple(a for a in range(x.ndim) if a not in axes)
+    group_shape = tuple(x.shape[a] for a in others)
+    rows = np.transpose(x, others + axes).reshape(int(np.prod(group_shape)), -1)
+    counts = np.transpose(weights, others + axes).reshape(rows.shape).astype(np.float64)
+    count = counts.sum(axis=1)
+    safe = np.where(count > 0, count, 1.0)
+    mean = (rows * counts).sum(axis=1) / safe
+    mean = mean + ((rows - mean[:, None]) * counts).sum(axis=1) / safe
+    m2 = (((rows - mean[:, None]) ** 2) * counts).sum(axis=1)
+    return count.reshape(group_shape), mean.reshape(group_shape), m2.reshape(group_shape)
+
+
+def normalize(
+    x: object,
+    mean: object,
+    var: object,
+    weight: object = None,
+    bias: object = None,
+    *,
+    eps: float,
+    axis: int,
+) -> np.ndarray:
+    r"""Given per-channel statistics along ``axis``:
+    :math:`y = (x - \mu_c)/\sqrt{\sigma^2_c + \epsilon}\,\gamma_c + \beta_c`, in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    axis = axis % x.ndim
+    rows, moved_shape = _rows(x, axis)
+    channels = rows.shape[0]
+    mean, var = _vector(mean, channels, 0.0), _vector(var, channels, 1.0)
+    gamma, beta = _vector(weight, channels, 1.0), _vector(bias, channels, 0.0)
+    y_rows = (rows - mean[:, None]) / np.sqrt(var[:, None] + eps) * gamma[:, None] + beta[:, None]
+    return _unrows(y_rows, moved_shape, axis)
+
+
+def group_norm(
+    x: object,
+    num_groups: int,
+    weight: object = None,
+    bias: object = None,
+    *,
+    eps: float,
+    axis: int,
+) -> np.ndarray:
+    r"""Group norm of ``x`` (batch axis 0, channels on ``axis``): the ``C`` channels fall into
+    ``num_groups`` contiguous blocks of ``C / num_groups``; each sample's block is normalized by
+    its own mean and biased variance over the block's channels and every other axis, then the
+    per-channel affine applies: :math:`y = (x - \mu_{n,g})/\sqrt{\sigma^2_{n,g} + \epsilon}\,
+    \gamma_c + \beta_c`. One group is layer norm over all but the batch axis (with per-channel
+    affine); ``C`` groups are instance norm."""
+    x = np.asarray(x, dtype=np.float64)
+    axis = axis % x.ndim
+    if axis == 0:
+        raise ValueError("axis=0 is the batch axis; group norm needs a channel axis other than 0")
+    channels = x.shape[axis]
+    if num_groups < 1 or channels % num_groups:
+        raise ValueError(f"num_groups={num_groups!r} must be a positive divisor of the {channels} channels")
+    moved = np.moveaxis(x, axis, 1)  # (N, C, ...)
+    n = moved.shape[0]
+    blocks = moved.reshape(n, num_groups, -1)  # each block: C/G channels x the other axes
+    mean, var = _mean_and_biased_var(blocks.reshape(n * num_groups, -1))
+    z = _divide(blocks - mean.reshape(n, num_groups, 1), np.sqrt(var.reshape(n, num_groups, 1) + eps))
+    z = z.reshape(moved.shape)
+    shape = (1, channels) + (1,) * (moved.ndim - 2)
+    y = z * _vector(weight, channels, 1.0).reshape(shape) + _vector(bias, channels, 0.0).reshape(shape)
+    return np.moveaxis(y, 1, axis)
+
+
+def rms_norm(
+    x: object,
+    weight: object = None,
+    *,
+    axes: tuple[int, ...],
+    eps: float,
+    weight_offset: float = 0.0,
+) -> np.ndarray:
+    r"""RMS norm over ``axes``: :math:`y = x / \sqrt{\frac1n\sum x^2 + \epsilon}\,(w + o)`,
+    with element-wise ``weight`` :math:`w` over the normalized axes (none: 1) and
+    ``weight_offset`` :math:`o` (Gemma's :math:`1 + w` is :math:`o = 1`); no mean is subtracted."""
+    x = np.asarray(x, dtype=np.float64)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    others = tuple(a for a in range(x.ndim) if a not in axes)
+    moved = np.transpose(x, others + axes)
+    normalized_shape = tuple(x.shape[a] for a in axes)
+    rows = moved.reshape(-1, int(np.prod(normalized_shape)))
+    mean_square = (rows**2).sum(axis=1) / rows.shape[1]
+    z = _divide(rows, np.sqrt(mean_square[:, None] + eps))
+    w = np.ones(rows.shape[1]) if weight is None else np.asarray(weight, dtype=np.float64).reshape(-1)
+    z = z * (w + weight_offset)[None, :]
     return np.transpose(z.reshape(moved.shape), np.argsort(others + axes))

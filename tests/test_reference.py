@@ -93,3 +93,106 @@ def test_layer_norm_by_hand() -> None:
 def test_reference_is_float64_whatever_the_input(dtype: type) -> None:
     y = reference.layer_norm(np.ones((2, 3), dtype), axes=(1,), eps=1e-5)
     assert y.dtype == np.float64
+
+
+# --- spec version 2: statistics as values, group norm, RMS norm -----------------------------
+
+
+def test_moments_by_hand_with_and_without_a_mask() -> None:
+    # two groups (axis 1 kept): [1, 2, 3, 6] and [5, 5, 5, 5]
+    x = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [6.0, 5.0]])
+    count, mean, m2 = reference.moments(x, axes=(0,))
+    np.testing.assert_array_equal(count, [4, 4])
+    np.testing.assert_array_equal(mean, [3.0, 5.0])
+    np.testing.assert_array_equal(m2, [4 + 1 + 0 + 9, 0.0])
+    mask = np.array([[True, False], [True, False], [False, False], [True, False]])
+    count, mean, m2 = reference.moments(x, axes=(0,), mask=mask)  # group 0 keeps 1, 2, 6; group 1 nothing
+    np.testing.assert_array_equal(count, [3, 0])
+    np.testing.assert_array_equal(mean, [3.0, 0.0])  # an empty group is (0, 0, 0): the merge's identity
+    np.testing.assert_array_equal(m2, [4 + 1 + 9, 0.0])
+
+
+def test_moments_keep_the_other_axes_as_groups_in_order() -> None:
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(4, 3, 5))
+    count, mean, m2 = reference.moments(x, axes=(0, 2))
+    assert count.shape == mean.shape == m2.shape == (3,)
+    np.testing.assert_array_equal(count, [20, 20, 20])
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 2)), rtol=1e-15)
+    np.testing.assert_allclose(m2 / count, x.var(axis=(0, 2)), rtol=1e-14)
+    count, mean, m2 = reference.moments(x, axes=(2,))
+    assert mean.shape == (4, 3) and np.all(count == 5)
+
+
+def test_normalize_by_hand() -> None:
+    x = np.array([[1.0, 10.0], [3.0, 20.0]])  # channels on axis 1
+    y = reference.normalize(x, [2.0, 10.0], [1.0, 100.0], [2.0, 1.0], [0.0, -1.0], eps=0.0, axis=1)
+    np.testing.assert_array_equal(y, [[-2.0, -1.0], [2.0, 0.0]])
+
+
+def test_group_norm_by_hand_and_as_layer_and_instance_norm() -> None:
+    # one sample, 4 channels of 2 values, 2 groups: group 0 holds 0, 2, 4, 6 (mean 3, var 5)
+    x = np.array([[[0.0, 2.0], [4.0, 6.0], [1.0, 1.0], [1.0, 1.0]]])
+    y = reference.group_norm(x, 2, [1.0, 1.0, 2.0, 2.0], [0.0, 0.0, 0.5, 0.5], eps=0.0, axis=1)
+    np.testing.assert_allclose(y[0, :2].ravel(), (np.array([0, 2, 4, 6]) - 3) / math.sqrt(5), rtol=1e-15)
+    np.testing.assert_array_equal(y[0, 2:], 0.5)  # a constant group gives beta
+    x = np.random.default_rng(1).normal(2.0, 3.0, size=(3, 6, 4, 5))
+    one_group = reference.group_norm(x, 1, eps=1e-5, axis=1)
+    np.testing.assert_allclose(one_group, reference.layer_norm(x, axes=(1, 2, 3), eps=1e-5), atol=1e-14)
+    per_channel = reference.group_norm(x, 6, eps=1e-5, axis=1)
+    instance, _, _ = reference.instance_norm(
+        x,
+        None,
+        None,
+        None,
+        None,
+        use_input_stats=True,
+        momentum=0.1,
+        eps=1e-5,
+        axis=1,
+        unbiased_running_var=False,
+    )
+    np.testing.assert_allclose(per_channel, instance, atol=1e-14)
+    channels_last = reference.group_norm(np.moveaxis(x, 1, -1), 3, eps=1e-5, axis=-1)
+    np.testing.assert_allclose(
+        np.moveaxis(channels_last, -1, 1), reference.group_norm(x, 3, eps=1e-5, axis=1)
+    )
+    with pytest.raises(ValueError, match="num_groups=4 must be a positive divisor of the 6 channels"):
+        reference.group_norm(x, 4, eps=1e-5, axis=1)
+
+
+def test_rms_norm_by_hand() -> None:
+    x = np.array([[3.0, 4.0], [0.0, 0.0]])  # mean square 12.5 and 0
+    y = reference.rms_norm(x, [1.0, 2.0], axes=(1,), eps=0.0)
+    np.testing.assert_allclose(y[0], [3 / math.sqrt(12.5), 8 / math.sqrt(12.5)], rtol=1e-15)
+    zero = reference.rms_norm(x, axes=(1,), eps=1e-6)
+    np.testing.assert_array_equal(zero[1], 0.0)  # no mean is subtracted; zeros stay zeros
+    gemma = reference.rms_norm(x, [0.0, 1.0], axes=(1,), eps=0.0, weight_offset=1.0)  # (1 + w)
+    np.testing.assert_allclose(gemma, y, rtol=1e-15)
+
+
+def test_group_norm_and_rms_norm_against_torch_in_float64() -> None:
+    """torch.nn's own layers, float64 contiguous input (where torch's CPU kernels are two-pass):
+    two implementations of one formula agree within twice the suite's float64 bound, with the
+    centering term of these statistics (agreement_tolerance)."""
+    torch = pytest.importorskip("torch")
+    from normkit.testing.tolerances import agreement_tolerance, centering_gain
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(5.0, 3.0, size=(2, 8, 6, 6))
+    weight, bias = rng.normal(size=8), rng.normal(size=8)
+    module = torch.nn.GroupNorm(4, 8, eps=1e-5).double()
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(weight))
+        module.bias.copy_(torch.from_numpy(bias))
+        expected = module(torch.from_numpy(x)).numpy()
+    got = reference.group_norm(x, 4, weight, bias, eps=1e-5, axis=1)
+    groups = x.reshape(2, 4, -1)
+    gain = centering_gain(groups.mean(axis=2), groups.var(axis=2), 1e-5, np.abs(weight).max())
+    np.testing.assert_allclose(got, expected, **agreement_tolerance("float64", centering_gain=gain).kwargs)
+    rms = torch.nn.RMSNorm((6, 6), eps=1e-6).double()
+    w = rng.normal(size=(6, 6))
+    with torch.no_grad():
+        rms.weight.copy_(torch.from_numpy(w))
+        expected = rms(torch.from_numpy(x)).numpy()
+    got = reference.rms_norm(x, w, axes=(2, 3), eps=1e-6)
+    np.testing.assert_allclose(got, expected, **agreement_tolerance("float64").kwargs)  # no mean subtracted
