@@ -17,6 +17,7 @@ import pytest
 import normkit
 from normkit.testing.tolerances import (
     agreement_tolerance,
+    assert_within,
     centering_gain,
     statistics_effect,
     statistics_tolerance,
@@ -70,7 +71,7 @@ def run_both(
             gain = centering_gain(mean, var, keras_layer.epsilon, gamma)
             bound = agreement_tolerance("float32", centering_gain=gain).bound(expected, 0.0) + moved
         error = np.abs(got.astype(np.float64) - expected)
-        assert np.all(error <= bound), f"step {step}: error {error.max():.3g}, allowed {bound.min():.3g}"
+        assert_within(error, bound, f"step {step}")
     return magnitude
 
 

@@ -170,3 +170,15 @@ def test_a_broken_backend_fails_the_case_written_for_its_bug(broken_backend: str
     result = run_case(case, broken_backend)
     assert not result.passed and result.failures
     assert f"case {case.id!r}" in result.repro()
+
+
+def test_assert_within_names_the_worst_value_and_fails_on_nan() -> None:
+    from normkit.testing.tolerances import assert_within
+
+    assert_within(np.array([0.1, 0.2]), np.array([0.1, 0.3]), "fine")  # on the bound passes
+    with pytest.raises(
+        AssertionError, match=r"y: 2 of 3 values outside tolerance; worst at \(2,\): error 5, allowed 1"
+    ):
+        assert_within(np.array([0.0, 2.0, 5.0]), np.array([1.0, 1.5, 1.0]), "y")
+    with pytest.raises(AssertionError, match=r"1 of 2 values outside tolerance; worst at \(1,\): error nan"):
+        assert_within(np.array([0.0, np.nan]), 1.0, "nan")

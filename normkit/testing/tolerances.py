@@ -65,6 +65,7 @@ __all__ = [
     "EPS",
     "Tolerance",
     "agreement_tolerance",
+    "assert_within",
     "centering_gain",
     "central_difference_error",
     "compute_dtype",
@@ -324,3 +325,20 @@ def normalization_gradient_tolerances(
         atol = central_difference_error(step=step, value_error=value_error, third_derivative=third_derivative)
         tolerances.append((eps * float(np.abs(array).max()) / step, float(atol)))
     return tolerances
+
+
+def assert_within(error: np.ndarray, bound: np.ndarray, what: str) -> None:
+    """Fail unless every ``error`` is within its ``bound`` (NaN fails), naming ``what`` and the
+    worst value: its index, its error, the bound there and how many values are outside."""
+    error = np.asarray(error, dtype=np.float64)
+    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), error.shape)
+    outside = ~(error <= bound)
+    if not outside.any():
+        return
+    worst = np.unravel_index(
+        int(np.argmax(np.where(outside, np.nan_to_num(error - bound, nan=np.inf), -np.inf))), error.shape
+    )
+    raise AssertionError(
+        f"{what}: {int(outside.sum())} of {error.size} values outside tolerance; worst at "
+        f"{tuple(int(i) for i in worst)}: error {error[worst]:.3g}, allowed {bound[worst]:.3g}"
+    )

@@ -21,6 +21,7 @@ import normkit
 import normkit_torch
 from normkit import reference
 from normkit.testing.tolerances import (
+    assert_within,
     centering_gain,
     normalization_gradient_tolerances,
     output_tolerance,
@@ -212,7 +213,7 @@ def _assert_same_gradients(ours: nn.Module, theirs: nn.Module, shape: tuple[int,
         conditioning = float((perturbed[name] - e).abs().max())
         bound = tolerance.bound(e.numpy(), 2 * conditioning)
         error = (got[name] - e).abs().numpy()
-        assert np.all(error <= bound), f"{name}: error {error.max():.3g}, allowed {bound.min():.3g}"
+        assert_within(error, bound, f"{name}")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -275,7 +276,7 @@ def test_layer_gradients_accumulate_like_torch_nn() -> None:
     for (name, p), q in zip(theirs_copy.named_parameters(), perturbed.parameters(), strict=True):
         bound = tolerance.bound(p.grad.numpy(), 2 * float((q.grad - p.grad).abs().max()))
         error = (dict(ours_copy.named_parameters())[name].grad - p.grad).abs().numpy()
-        assert np.all(error <= bound), f"{name}: error {error.max():.3g}, allowed {bound.min():.3g}"
+        assert_within(error, bound, f"{name}")
 
 
 # --------------------------------------------------------------------------------------------
