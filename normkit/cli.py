@@ -250,4 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("check", "bench"):
         for name, value in QUIET_TENSORFLOW.items():
             os.environ.setdefault(name, value)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # the reader went away (`normkit check | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that Python's final flush cannot fail again
+        return 1

@@ -218,3 +218,18 @@ def test_check_and_bench_quiet_tensorflow_unless_the_user_chose(
         monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", user_setting)
     assert main(["check", "--backend", "numpy"]) == 0
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == (user_setting or "2")  # INFO and WARNING notices hidden
+
+
+def test_a_closed_pipe_ends_the_command_without_a_traceback() -> None:
+    """``normkit info | head -0``: the reader is gone before the first line is written."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        process = subprocess.run(
+            [sys.executable, "-m", "normkit", "info"], stdout=write_end, stderr=subprocess.PIPE, timeout=300
+        )
+    finally:
+        os.close(write_end)
+    assert process.returncode == 1 and b"Traceback" not in process.stderr, process.stderr.decode()
