@@ -251,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, value in QUIET_TENSORFLOW.items():
             os.environ.setdefault(name, value)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a pipe is block-buffered: its write can fail here, not only in run
+        return status
     except BrokenPipeError:  # the reader went away (`normkit check | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that Python's final flush cannot fail again
