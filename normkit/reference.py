@@ -39,6 +39,20 @@ def _unrows(rows: np.ndarray, moved_shape: tuple[int, ...], axis: int) -> np.nda
     return np.moveaxis(rows.reshape(moved_shape), 0, axis)
 
 
+def _axes_rows(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
+    """``x`` as one row per group of the axes not in ``axes`` (the reduced axes along each row),
+    with the transposed shape and the axis order, for :func:`_axes_unrows`."""
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    order = tuple(a for a in range(x.ndim) if a not in axes) + axes
+    moved = np.transpose(x, order)
+    groups = int(np.prod(moved.shape[: x.ndim - len(axes)]))  # explicit: either may be 0
+    return moved.reshape(groups, -1 if groups else 0), moved.shape, order
+
+
+def _axes_unrows(rows: np.ndarray, moved_shape: tuple[int, ...], order: tuple[int, ...]) -> np.ndarray:
+    return np.transpose(rows.reshape(moved_shape), np.argsort(order))
+
+
 def _mean_and_biased_var(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = rows.shape[1]
     mean = rows.sum(axis=1) / n
@@ -77,17 +91,14 @@ def batch_norm(
     ``(y, running_mean, running_var)`` in float64."""
     x = np.asarray(x, dtype=np.float64)
     axis = axis % x.ndim
-    rows, moved_shape = _rows(x, axis)
-    channels, n = rows.shape
+    rows, _ = _rows(x, axis)
+    n = rows.shape[1]
     if training:
         mean, var = _mean_and_biased_var(rows)
     else:
         mean = np.asarray(running_mean, dtype=np.float64)
         var = np.asarray(running_var, dtype=np.float64)
-    gamma = _vector(weight, channels, 1.0)
-    beta = _vector(bias, channels, 0.0)
-    y_rows = (rows - mean[:, None]) / np.sqrt(var[:, None] + eps) * gamma[:, None] + beta[:, None]
-    y = _unrows(y_rows, moved_shape, axis)
+    y = normalize(x, mean, var, weight, bias, eps=eps, axis=axis)
     if running_mean is None:
         return y, None, None
     if not training:
@@ -157,19 +168,14 @@ def layer_norm(
     eps: float,
 ) -> np.ndarray:
     """Layer norm per :func:`normkit.hookspecs.normkit_layer_norm`; returns ``y`` in float64."""
-    x = np.asarray(x, dtype=np.float64)
-    axes = tuple(sorted(a % x.ndim for a in axes))
-    others = tuple(a for a in range(x.ndim) if a not in axes)
-    moved = np.transpose(x, others + axes)
-    normalized_shape = tuple(x.shape[a] for a in axes)
-    rows = moved.reshape(-1, int(np.prod(normalized_shape)))
+    rows, moved_shape, order = _axes_rows(np.asarray(x, dtype=np.float64), axes)
     mean, var = _mean_and_biased_var(rows)
     z = (rows - mean[:, None]) / np.sqrt(var[:, None] + eps)
     if weight is not None:
         z = z * np.asarray(weight, dtype=np.float64).reshape(1, -1)
     if bias is not None:
         z = z + np.asarray(bias, dtype=np.float64).reshape(1, -1)
-    return np.transpose(z.reshape(moved.shape), np.argsort(others + axes))
+    return _axes_unrows(z, moved_shape, order)
 
 
 def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -194,12 +200,10 @@ def moments(
     with nothing counted is ``(0, 0, 0)``, the identity of the merge. The mean is corrected once
     by the mean of its residuals, as everywhere in this module."""
     x = np.asarray(x, dtype=np.float64)
-    axes = tuple(sorted(a % x.ndim for a in axes))
     weights = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask, dtype=bool), x.shape)
-    others = tuple(a for a in range(x.ndim) if a not in axes)
-    group_shape = tuple(x.shape[a] for a in others)
-    rows = np.transpose(x, others + axes).reshape(int(np.prod(group_shape)), -1)
-    counts = np.transpose(weights, others + axes).reshape(rows.shape).astype(np.float64)
+    rows, moved_shape, _ = _axes_rows(x, axes)
+    counts, _, _ = _axes_rows(weights.astype(np.float64), axes)
+    group_shape = moved_shape[: x.ndim - len(set(a % x.ndim for a in axes))]
     count = counts.sum(axis=1)
     safe = np.where(count > 0, count, 1.0)
     mean = (rows * counts).sum(axis=1) / safe
@@ -274,14 +278,9 @@ def rms_norm(
     r"""RMS norm over ``axes``: :math:`y = x / \sqrt{\frac1n\sum x^2 + \epsilon}\,(w + o)`,
     with element-wise ``weight`` :math:`w` over the normalized axes (none: 1) and
     ``weight_offset`` :math:`o` (Gemma's :math:`1 + w` is :math:`o = 1`); no mean is subtracted."""
-    x = np.asarray(x, dtype=np.float64)
-    axes = tuple(sorted(a % x.ndim for a in axes))
-    others = tuple(a for a in range(x.ndim) if a not in axes)
-    moved = np.transpose(x, others + axes)
-    normalized_shape = tuple(x.shape[a] for a in axes)
-    rows = moved.reshape(-1, int(np.prod(normalized_shape)))
+    rows, moved_shape, order = _axes_rows(np.asarray(x, dtype=np.float64), axes)
     mean_square = (rows**2).sum(axis=1) / rows.shape[1]
     z = _divide(rows, np.sqrt(mean_square[:, None] + eps))
     w = np.ones(rows.shape[1]) if weight is None else np.asarray(weight, dtype=np.float64).reshape(-1)
     z = z * (w + weight_offset)[None, :]
-    return np.transpose(z.reshape(moved.shape), np.argsort(others + axes))
+    return _axes_unrows(z, moved_shape, order)

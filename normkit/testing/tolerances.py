@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -70,6 +71,7 @@ __all__ = [
     "central_difference_error",
     "compute_dtype",
     "normalization_gradient_tolerances",
+    "normalized_by",
     "output_tolerance",
     "reduction_growth",
     "statistics_effect",
@@ -287,6 +289,52 @@ def central_difference_error(
     eps = EPS[dtype]
     truncation = step**2 / 6 * np.abs(third_derivative)
     return truncation + value_error / step + eps * np.abs(argument) * np.abs(derivative) / step
+
+
+class NormalizedBy(NamedTuple):
+    """What each element of ``x`` is normalized with, broadcast against ``x`` (float64)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    r""":math:`\sqrt{\sigma^2 + \epsilon}`."""
+    weight: np.ndarray
+    bias: np.ndarray
+    batch_statistics: bool
+    """Whether the statistics are the input's own (they then depend on ``x``)."""
+
+
+def normalized_by(
+    op: str,
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    *,
+    axis: int | tuple[int, ...],
+    training: bool,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    eps: float,
+) -> NormalizedBy:
+    """The statistics and affine of one ``batch_norm``, ``instance_norm`` (``axis``: the channel
+    axis; ``training`` False: the running statistics) or ``layer_norm`` (``axis``: the
+    normalized axes) call, for :func:`normalization_gradient_tolerances` and
+    :func:`centering_gain`."""
+    x = np.asarray(x, dtype=np.float64)
+    param_axes = tuple(axis) if op == "layer_norm" else (axis,)  # type: ignore[arg-type]
+    shape = [1] * x.ndim
+    for a, size in zip(param_axes, np.shape(weight), strict=True):
+        shape[a] = size
+    weight, bias = np.reshape(weight, shape), np.reshape(bias, shape)
+    if op != "layer_norm" and not training:
+        mean = np.reshape(np.asarray(running_mean, np.float64), shape)
+        std = np.sqrt(np.reshape(np.asarray(running_var, np.float64), shape) + eps)
+        return NormalizedBy(mean, std, weight, bias, False)
+    if op == "layer_norm":
+        axes = param_axes
+    else:
+        axes = tuple(a for a in range(x.ndim) if a != axis and (op == "batch_norm" or a != 0))
+    mean, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+    return NormalizedBy(mean, np.sqrt(var + eps), weight, bias, True)
 
 
 def normalization_gradient_tolerances(

@@ -13,6 +13,7 @@ from normkit import reference
 from normkit.testing.tolerances import (
     centering_gain,
     normalization_gradient_tolerances,
+    normalized_by,
     output_tolerance,
     training_tolerance,
 )
@@ -62,27 +63,6 @@ def _functions(
     )
 
 
-def _statistics(op, x, axis, mode, rm, rv) -> tuple[np.ndarray, np.ndarray, bool]:
-    """``(mean, sqrt(var + EPS), batch statistics?)`` each element of x is normalized with,
-    broadcast against x."""
-    if op != "layer_norm" and not mode:
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        return rm.reshape(shape), np.sqrt(rv + EPS).reshape(shape), False
-    if op == "layer_norm":
-        axes = axis
-    else:
-        axes = tuple(a for a in range(x.ndim) if a != axis and (op == "batch_norm" or a != 0))
-    return x.mean(axis=axes, keepdims=True), np.sqrt(x.var(axis=axes, keepdims=True) + EPS), True
-
-
-def _broadcast(param: np.ndarray, op: str, ndim: int, axis) -> np.ndarray:
-    shape = [1] * ndim
-    for a, size in zip((axis if op == "layer_norm" else (axis,)), param.shape, strict=True):
-        shape[a] = size
-    return param.reshape(shape)
-
-
 def _finite_differences(loss: Callable[..., float], arrays: list[np.ndarray]) -> list[np.ndarray]:
     grads = []
     for index, array in enumerate(arrays):
@@ -116,15 +96,14 @@ def test_tape_gradients_match_finite_differences_of_the_reference(
 
     run = tf.function(gradients) if traced else gradients
     y, autograd = run(tf.constant(x), tf.constant(w), tf.constant(b))
-    mean, s, batch_statistics = _statistics(op, x, axis, mode, rm, rv)
-    wb, bb = _broadcast(w, op, x.ndim, axis), _broadcast(b, op, x.ndim, axis)
-    gain = centering_gain(mean, s**2, 0.0, np.abs(wb).max())
+    by = normalized_by(op, x, w, b, axis=axis, training=mode, running_mean=rm, running_var=rv, eps=EPS)
+    gain = centering_gain(by.mean, by.std**2, 0.0, np.abs(by.weight).max())
     np.testing.assert_allclose(
         y.numpy(), ref(x, w, b), **output_tolerance("float64", centering_gain=gain).kwargs
     )
     numeric = _finite_differences(lambda *a: float(np.sum(g * ref(*a))), [x, w, b])
     tolerances = normalization_gradient_tolerances(
-        x, wb, bb, g, mean, s, batch_statistics=batch_statistics, step=STEP
+        x, by.weight, by.bias, g, by.mean, by.std, batch_statistics=by.batch_statistics, step=STEP
     )
     for name, got, expected, (rtol, atol) in zip(
         ("x", "weight", "bias"), autograd, numeric, tolerances, strict=True

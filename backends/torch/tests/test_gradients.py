@@ -24,6 +24,7 @@ from normkit.testing.tolerances import (
     assert_within,
     centering_gain,
     normalization_gradient_tolerances,
+    normalized_by,
     output_tolerance,
     training_tolerance,
 )
@@ -286,27 +287,6 @@ def test_layer_gradients_accumulate_like_torch_nn() -> None:
 FD_STEP = 1e-6  # central differences in float64; their error bound: normalization_gradient_tolerances
 
 
-def _statistics(op, x, axis, mode, rm, rv) -> tuple[np.ndarray, np.ndarray, bool]:
-    """``(mean, sqrt(var + EPS), batch statistics?)`` each element of x is normalized with,
-    broadcast against x."""
-    if op != "layer_norm" and not mode:
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        return rm.reshape(shape), np.sqrt(rv + EPS).reshape(shape), False
-    if op == "layer_norm":
-        axes = axis
-    else:
-        axes = tuple(a for a in range(x.ndim) if a != axis and (op == "batch_norm" or a != 0))
-    return x.mean(axis=axes, keepdims=True), np.sqrt(x.var(axis=axes, keepdims=True) + EPS), True
-
-
-def _broadcast(param: np.ndarray, op: str, ndim: int, axis) -> np.ndarray:  # type: ignore[no-untyped-def]
-    shape = [1] * ndim
-    for a, size in zip((axis if op == "layer_norm" else (axis,)), param.shape, strict=True):
-        shape[a] = size
-    return param.reshape(shape)
-
-
 def _finite_difference(loss, arrays: list[np.ndarray]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     """∂loss/∂a for each array a, by central differences of ``loss(*arrays)``, one element at a time."""
     grads = []
@@ -391,14 +371,13 @@ def test_gradients_match_finite_differences_of_reference(
         return float(np.sum(g * ref(x, w, b)))
 
     y, autograd = _autograd(ours, [x, w, b], g)
-    mean, s, batch_statistics = _statistics(op, x, axis, mode, rm, rv)
-    wb, bb = _broadcast(w, op, x.ndim, axis), _broadcast(b, op, x.ndim, axis)
-    gain = centering_gain(mean, s**2, 0.0, np.abs(wb).max())
+    by = normalized_by(op, x, w, b, axis=axis, training=mode, running_mean=rm, running_var=rv, eps=EPS)
+    gain = centering_gain(by.mean, by.std**2, 0.0, np.abs(by.weight).max())
     tolerance = output_tolerance("float64", centering_gain=gain)
     np.testing.assert_allclose(y, ref(x, w, b), **tolerance.kwargs)  # the same function, first
     numeric = _finite_difference(loss, [x, w, b])
     tolerances = normalization_gradient_tolerances(
-        x, wb, bb, g, mean, s, batch_statistics=batch_statistics, step=FD_STEP
+        x, by.weight, by.bias, g, by.mean, by.std, batch_statistics=by.batch_statistics, step=FD_STEP
     )
     for name, a, n, (rtol, atol) in zip(("x", "weight", "bias"), autograd, numeric, tolerances, strict=True):
         assert np.abs(n).max() > 1e-2, name  # a gradient worth comparing
@@ -407,11 +386,11 @@ def test_gradients_match_finite_differences_of_reference(
         others = tuple(i for i in range(len(shape)) if i != axis)
         # rounding only: each term of (γ/s)(g - mean g - x̂ mean(g x̂)) and the sum over the channel
         # (4 reductions of at most x.size terms), relative to the terms' magnitudes
-        u = np.abs(g * wb)
-        xhat = np.abs((x - mean) / s)
+        u = np.abs(g * by.weight)
+        xhat = np.abs((x - by.mean) / by.std)
         sizes = (
             u + u.mean(axis=others, keepdims=True) + xhat * (u * xhat).mean(axis=others, keepdims=True)
-        ) / s
+        ) / by.std
         scale = float(sizes.sum(axis=others).max())
         atol = training_tolerance("float64", steps=0, reduction_size=4 * x.size, scale=scale).atol
         np.testing.assert_allclose(autograd[0].sum(axis=others), 0.0, atol=atol)
