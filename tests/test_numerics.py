@@ -13,7 +13,7 @@ import pytest
 
 import normkit
 from normkit import reference
-from normkit._numpy_kernels import FUSED_EVAL_LIMIT
+from normkit.numpy_backend.pure import FUSED_EVAL_LIMIT
 from normkit.testing.tolerances import (
     EPS,
     centering_gain,

@@ -1,5 +1,5 @@
 """Both NumPy kernel paths, compiled and pure, against the float64 reference on inputs that reach
-every layout of the compiled kernels (see :mod:`normkit._numpy_compiled`): channels-first rows
+every layout of the compiled kernels (see :mod:`normkit.numpy_backend.compiled`): channels-first rows
 (with a tail shorter than a block), columns (channels-last, ``(N, C)``, several row ranges and
 blocks), instance norm in both, layer norm over one and several trailing axes, float16/float64,
 constant channels and large offsets. The conformance suite covers the spec's cases on top."""

@@ -1,6 +1,6 @@
 r"""Pure-NumPy kernels behind the NumPy backend.
 
-This is the kernel boundary: :mod:`normkit.numpy_backend` turns a spec call into "reduce ``x``
+This is the kernel boundary: :mod:`normkit.numpy_backend` (its package glue) turns a spec call into "reduce ``x``
 over these axes, then scale and shift", and the functions here do the numerical work on
 already-validated arrays. A compiled implementation replaces these functions, not the glue.
 

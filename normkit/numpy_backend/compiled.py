@@ -1,4 +1,4 @@
-r"""Glue between the NumPy backend and its compiled kernels (:mod:`normkit._numba_kernels`).
+r"""Glue between the NumPy backend and its compiled kernels (:mod:`normkit.numpy_backend.numba_loops`).
 
 Each function here brings a validated, non-empty spec call to one of the kernels' two layouts.
 Layer norm over axes that are not the trailing ones returns ``None``; the caller then uses the
@@ -23,8 +23,8 @@ import math
 import numba
 import numpy as np
 
-from normkit import _numba_kernels as kernels
-from normkit._numpy_kernels import finish_output
+from normkit.numpy_backend import numba_loops as kernels
+from normkit.numpy_backend.pure import finish_output
 
 __all__ = ["MIN_ROW", "channel_eval", "channel_train", "layer_norm", "merge_statistics"]
 

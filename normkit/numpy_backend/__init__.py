@@ -2,10 +2,10 @@
 
 Two implementations of the same numerics sit behind it:
 
-* **compiled** (:mod:`normkit._numpy_compiled`, numba kernels, installed by the ``fast``
+* **compiled** (:mod:`normkit.numpy_backend.compiled`, numba kernels, installed by the ``fast``
   extra): one parallel fused pass for the statistics and one for the output, at the
   memory-bandwidth floor;
-* **pure NumPy** (this module and :mod:`normkit._numpy_kernels`): "reduce over these axes,
+* **pure NumPy** (this module and :mod:`normkit.numpy_backend.pure`): "reduce over these axes,
   then scale and shift" on views of the input. It handles every call, and takes the ones the
   compiled path does not (non-contiguous input, layer norm over non-trailing axes).
 
@@ -26,9 +26,9 @@ from types import ModuleType
 
 import numpy as np
 
-from normkit import _numpy_kernels as kernels
 from normkit._registry import hookimpl
 from normkit.hookspecs import BackendInfo
+from normkit.numpy_backend import pure as kernels
 
 __all__ = [
     "KERNELS_ENV",
@@ -66,7 +66,7 @@ def use_kernels(choice: str) -> str:
     compiled = None
     if choice != "pure":
         try:
-            from normkit import _numpy_compiled as compiled
+            from normkit.numpy_backend import compiled
         except ImportError as error:
             if choice == "compiled":
                 raise ModuleNotFoundError(
@@ -186,7 +186,7 @@ def _updated(old: np.ndarray, batch: np.ndarray, momentum: float) -> np.ndarray:
 def _batch_statistics(
     x: np.ndarray, axes: tuple[int, ...]
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Upcast, collapse and centre ``x``; see :func:`normkit._numpy_kernels.centered_moments`.
+    """Upcast, collapse and centre ``x``; see :func:`normkit.numpy_backend.pure.centered_moments`.
 
     :returns: ``(view_shape, view_axes, positions, d, shift, mean, var)``.
     """

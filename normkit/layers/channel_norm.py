@@ -1,0 +1,308 @@
+"""Batch and instance norm: per-channel statistics, per-channel affine, optional running statistics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from normkit import presets
+from normkit._registry import Backend
+from normkit.functional import _checks
+from normkit.functional import channel as channel_ops
+from normkit.layers._base import _Layer
+from normkit.state import NormState
+
+__all__ = ["BatchNorm", "InstanceNorm"]
+
+Array = Any
+
+
+class _ChannelNorm(_Layer):
+    """Batch and instance norm: per-channel affine, optional running statistics."""
+
+    _repr_first = "num_features"
+    _per_channel = True
+    _eps_field: ClassVar[str]
+    _op: ClassVar[str]
+    _min_ndim: ClassVar[int]
+
+    def __init__(
+        self,
+        num_features: int | None,
+        *,
+        eps: float | None,
+        momentum: float | presets._Default | None,
+        affine: bool | None,
+        track_running_stats: bool,
+        axis: int | None,
+        momentum_weights: presets.MomentumWeights | None,
+        running_var_estimator: presets.RunningVarEstimator | None,
+        allow_single_value: bool | None,
+        preset: str | presets.Preset,
+        backend: str | None,
+    ) -> None:
+        super().__init__(preset, backend)
+        p = self._preset
+        if num_features is not None:
+            num_features = _checks._index(num_features, "num_features")
+            if num_features < 1:
+                raise ValueError(
+                    f"num_features={num_features!r}: expected a positive int or None (inferred from the first input)"
+                )
+        self.num_features = num_features
+        self.eps = presets.check_eps(getattr(p, self._eps_field) if eps is None else eps)
+        self.momentum_weights = presets.check_momentum_weights(
+            p.momentum_weights if momentum_weights is None else momentum_weights
+        )
+        if momentum is presets.DEFAULT:
+            momentum = p.default_momentum(self.momentum_weights)
+        self.momentum = None if momentum is None else presets.check_momentum(momentum)
+        self.running_var_estimator = running_var_estimator or p.running_var_estimator
+        presets.check_estimator(self.running_var_estimator)
+        self.allow_single_value = (
+            p.allow_single_value if allow_single_value is None else bool(allow_single_value)
+        )
+        self.axis = p.axis if axis is None else _checks._index(axis, "axis")
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+
+    @property
+    def running_mean(self) -> Array | None:
+        """The running mean, or ``None`` (not tracked, or no state yet)."""
+        return self._get("running_mean")
+
+    @property
+    def running_var(self) -> Array | None:
+        """The running variance (estimator per ``running_var_estimator``), or ``None``."""
+        return self._get("running_var")
+
+    @property
+    def num_batches_tracked(self) -> int:
+        """Training batches that updated the running statistics (empty batches do not count)."""
+        return 0 if self._state is None else self._state.num_batches_tracked
+
+    def _expected_arrays(self) -> tuple[str, ...]:
+        return (("weight", "bias") if self.affine else ()) + (
+            ("running_mean", "running_var") if self.track_running_stats else ()
+        )
+
+    def _tracks_counter(self) -> bool:
+        return self.track_running_stats
+
+    def _channels(self) -> int | None:
+        if self._state is not None and self._state_backend is not None:
+            first = next(iter(self._state.arrays().values()), None)
+            if first is not None:
+                return int(self._state_backend.info.shape(first)[0])
+        return self.num_features
+
+    def _param_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        channels = self._channels()
+        return None if channels is None else {key: (channels,) for key in self._expected_arrays()}
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "num_features": self._channels(),
+            "eps": self.eps,
+            "momentum": self.momentum,
+            "affine": self.affine,
+            "track_running_stats": self.track_running_stats,
+            "axis": self.axis,
+            "momentum_weights": self.momentum_weights,
+            "running_var_estimator": self.running_var_estimator,
+            "allow_single_value": self.allow_single_value,
+            "preset": self.preset,
+        }
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, ``num_batches_tracked`` 0 (no-op without state)."""
+        if self._state is None or self._state_backend is None or not self.track_running_stats:
+            return
+        full = self._state_backend.info.full
+        like = self._state.running_mean
+        dtype = self._state_backend.info.dtype_name(like)
+        channels = (self._channels(),)
+        self._state = self._state.replace(
+            running_mean=full(channels, 0.0, dtype, like),
+            running_var=full(channels, 1.0, dtype, like),
+            num_batches_tracked=0,
+        )
+
+    def _initial_state(self, be: Backend, x: Array, channels: int) -> NormState:
+        dtype = "float64" if be.info.dtype_name(x) == "float64" else "float32"
+        full = be.info.full
+        state = NormState()
+        if self.affine:
+            state = state.replace(
+                weight=full((channels,), 1.0, dtype, x), bias=full((channels,), 0.0, dtype, x)
+            )
+        if self.track_running_stats:
+            state = state.replace(
+                running_mean=full((channels,), 0.0, dtype, x), running_var=full((channels,), 1.0, dtype, x)
+            )
+        return state
+
+    def __call__(self, x: Array) -> Array:
+        """Normalize ``x``; in training with tracked statistics, update them."""
+        be = self._resolve(x, self._min_ndim, self._op)
+        shape = _checks._check_input(be, x, self._min_ndim, self._op)
+        axis = (
+            _checks._check_instance_axis(self.axis, len(shape))
+            if self._op == "instance_norm"
+            else _checks._check_axis(self.axis, len(shape))
+        )
+        if shape[axis] == 0:
+            raise ValueError(
+                f"x has shape {shape}: no channels on axis {self.axis}; a layer needs at least one"
+            )
+        channels = self._channels()
+        if channels is not None and shape[axis] != channels:
+            raise ValueError(
+                f"x has shape {shape}: {shape[axis]} channels on axis {self.axis}, but this layer has {channels} (num_features)"
+            )
+        state = self._state if self._state is not None else self._initial_state(be, x, shape[axis])
+        update = self.training and self.track_running_stats
+        use_batch_stats = self.training or not self.track_running_stats
+        count = state.num_batches_tracked + 1
+        momentum = (
+            (
+                1.0 / count
+                if self.momentum is None
+                else presets.batch_weight(self.momentum, self.momentum_weights)
+            )
+            if update
+            else 0.0
+        )
+        if update or not use_batch_stats:
+            running_mean, running_var = state.running_mean, state.running_var
+        else:
+            running_mean = running_var = None
+        y, new_mean, new_var = channel_ops._channel_norm(
+            self._op,
+            be,
+            x,
+            shape,
+            axis,
+            running_mean,
+            running_var,
+            state.weight,
+            state.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+            "batch",
+            self.running_var_estimator,
+            self.allow_single_value,
+            self._preset,
+        )
+        if update and math.prod(shape) > 0:
+            state = state.replace(running_mean=new_mean, running_var=new_var, num_batches_tracked=count)
+        self._state, self._state_backend = state, self._state_backend or be
+        return y
+
+
+class BatchNorm(_ChannelNorm):
+    r"""Batch normalization over every axis but the channel axis.
+
+    .. math::
+
+       y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+
+    with batch statistics in training and running statistics in eval (see the module
+    docstring). Defaults come from ``preset``; any option given overrides it.
+
+    :param num_features: number of channels ``C``, or ``None`` to take it from the first input.
+    :param eps: default the preset's (1e-5 torch/onnx/flax, 1e-3 keras).
+    :param momentum: update weight in the ``momentum_weights`` convention (default the preset's:
+        0.1 torch, 0.99 keras/flax, 0.9 onnx); ``None`` for the cumulative average.
+    :param affine: learnable-style γ and β (created as 1 and 0).
+    :param track_running_stats: keep running statistics (otherwise eval uses batch statistics).
+    :param axis: channel axis (1 channels-first, -1 channels-last; default the preset's).
+    :param momentum_weights: ``"batch"`` (PyTorch) or ``"running"`` (Keras/Flax/ONNX).
+    :param running_var_estimator: ``"unbiased"`` (PyTorch) or ``"biased"`` (Keras/Flax/ONNX).
+    :param allow_single_value: allow one value per channel in training (``y = β``).
+    :param preset: ``"torch"``, ``"keras"``, ``"flax"`` or ``"onnx"``.
+    :param backend: force a backend by name instead of choosing by the input's type.
+    """
+
+    _eps_field = "batch_norm_eps"
+    _op = "batch_norm"
+    _min_ndim = 2
+
+    def __init__(
+        self,
+        num_features: int | None = None,
+        *,
+        eps: float | None = None,
+        momentum: float | presets._Default | None = presets.DEFAULT,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        axis: int | None = None,
+        momentum_weights: presets.MomentumWeights | None = None,
+        running_var_estimator: presets.RunningVarEstimator | None = None,
+        allow_single_value: bool | None = None,
+        preset: str | presets.Preset = "torch",
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            axis=axis,
+            momentum_weights=momentum_weights,
+            running_var_estimator=running_var_estimator,
+            allow_single_value=allow_single_value,
+            preset=preset,
+            backend=backend,
+        )
+
+
+class InstanceNorm(_ChannelNorm):
+    r"""Instance normalization: statistics per sample and channel over the spatial axes.
+
+    Input ``(N, C, *spatial)`` (``axis=1``) or ``(N, *spatial, C)`` (``axis=-1``). Uses each
+    instance's own statistics in training, and in eval unless running statistics are tracked
+    (then it normalizes like batch norm in eval; the running statistics average the
+    per-instance statistics over the batch).
+
+    Parameters as :class:`BatchNorm`, with ``track_running_stats=False`` by default (as in
+    PyTorch) under every preset; ``affine`` follows the preset (``False`` for torch, as
+    PyTorch's ``InstanceNorm2d``; ``True`` for keras, flax and onnx).
+    """
+
+    _eps_field = "instance_norm_eps"
+    _op = "instance_norm"
+    _min_ndim = 3
+
+    def __init__(
+        self,
+        num_features: int | None = None,
+        *,
+        eps: float | None = None,
+        momentum: float | presets._Default | None = presets.DEFAULT,
+        affine: bool | None = None,
+        track_running_stats: bool = False,
+        axis: int | None = None,
+        momentum_weights: presets.MomentumWeights | None = None,
+        running_var_estimator: presets.RunningVarEstimator | None = None,
+        allow_single_value: bool | None = None,
+        preset: str | presets.Preset = "torch",
+        backend: str | None = None,
+    ) -> None:
+        if affine is None:
+            affine = presets.get_preset(preset).instance_norm_affine
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            axis=axis,
+            momentum_weights=momentum_weights,
+            running_var_estimator=running_var_estimator,
+            allow_single_value=allow_single_value,
+            preset=preset,
+            backend=backend,
+        )
