@@ -66,7 +66,8 @@ PROJECT = "normkit"
 ENTRY_POINT_GROUP = "normkit.backends"
 AUTOLOAD_ENV = "NORMKIT_DISABLE_PLUGIN_AUTOLOAD"
 BLOCK_ENV = "NORMKIT_BLOCK_BACKENDS"
-OPS = ("batch_norm", "instance_norm", "layer_norm")
+OPS = ("batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm", "moments", "normalize")
+"""Every operation hook of the spec (composites, then the version-2 primitives)."""
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 """Marks a hook specification in :mod:`normkit.hookspecs`."""
@@ -186,13 +187,24 @@ def type_name(cls: type) -> str:
 
 @dataclass(frozen=True)
 class Backend:
-    """One backend as resolved for an array type: its info and one kernel per operation."""
+    """One backend as resolved for an array type: its info and one kernel per operation.
+
+    A composite the backend does not implement is composed from its primitives
+    (:mod:`normkit.composed`) when it has both; otherwise the kernel raises
+    ``NotImplementedError`` naming the backend and the operation. ``composed`` names the
+    operations served by composition.
+    """
 
     name: str
     info: BackendInfo
     batch_norm: Callable[..., Any]
     instance_norm: Callable[..., Any]
     layer_norm: Callable[..., Any]
+    group_norm: Callable[..., Any]
+    rms_norm: Callable[..., Any]
+    moments: Callable[..., Any]
+    normalize: Callable[..., Any]
+    composed: frozenset[str] = frozenset()
     _handled: set[type] = field(default_factory=set, repr=False, compare=False)
 
     def handles(self, cls: type) -> bool:
@@ -206,8 +218,11 @@ class Backend:
 
 
 def _missing_kernel(backend: str, op: str) -> Callable[..., Any]:
-    def missing(*args: Any) -> Any:
-        raise NotImplementedError(f"backend {backend!r} does not implement {op}")
+    def missing(*args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"backend {backend!r} does not implement {op} (nor both primitives, moments and "
+            f"normalize, that normkit composes it from)"
+        )
 
     missing.__name__ = f"missing_{op}"
     return missing
@@ -341,7 +356,7 @@ class _Registry:
             result.append((impl.plugin_name, impl.function()))
         return result
 
-    def _kernel(self, op: str, plugins: set[str], backend_name: str) -> Callable[..., Any]:
+    def _kernel(self, op: str, plugins: set[str]) -> Callable[..., Any] | None:
         from normkit import hookspecs
 
         caller = getattr(self.manager().hook, f"normkit_{op}")
@@ -349,13 +364,23 @@ class _Registry:
             if impl.plugin_name in plugins and not (impl.hookwrapper or impl.wrapper):
                 _check_signature(impl.function, getattr(hookspecs, f"normkit_{op}"), impl.plugin_name)
                 return impl.function
-        return _missing_kernel(backend_name, op)
+        return None
 
     def _build(self, claims: list[tuple[str, BackendInfo]]) -> Backend:
+        from normkit import composed
+
         plugins = {plugin for plugin, _ in claims}
         info = claims[0][1]
-        kernels = {op: self._kernel(op, plugins, info.name) for op in OPS}
-        return Backend(name=info.name, info=info, **kernels)
+        found = {op: self._kernel(op, plugins) for op in OPS}
+        kernels: dict[str, Callable[..., Any]] = {}
+        made: set[str] = set()
+        for op in OPS:
+            kernel = found[op]
+            if kernel is None and found["moments"] is not None and found["normalize"] is not None:
+                kernel = composed.composite(op, info, found["moments"], found["normalize"])
+                made.add(op)
+            kernels[op] = kernel if kernel is not None else _missing_kernel(info.name, op)
+        return Backend(name=info.name, info=info, composed=frozenset(made), **kernels)
 
     def for_type(self, cls: type) -> Backend:
         try:

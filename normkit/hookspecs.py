@@ -1,11 +1,20 @@
-r"""The normkit specification, version 1.
+r"""The normkit specification, version 2.
 
 Every docstring in this module is normative. "Must" is a requirement that
 :mod:`normkit.testing` checks for every backend; "should" is advice. The documentation renders
 this module; nothing else restates it.
 
 A backend is a pluggy plugin that implements :func:`normkit_backend_info` and any of the
-operation hooks below with :data:`normkit.hookimpl`. Implementations take every argument of
+operation hooks below with :data:`normkit.hookimpl`. There are two kinds of operation hook:
+
+* **primitives** (version 2): :func:`normkit_moments` (partial statistics as values) and
+  :func:`normkit_normalize` (apply given statistics);
+* **composites**: batch, instance, layer, group and RMS norm, the fast paths.
+
+A backend that implements both primitives serves every composite it lacks: normkit composes
+them (:mod:`normkit.composed`). A backend written for version 1 (composites only) keeps
+loading; an operation it can neither run nor compose raises ``NotImplementedError`` naming the
+backend and the operation. Implementations take every argument of
 the spec, in the spec's order, with no defaults (pluggy never passes defaults, and normkit
 calls the resolved implementation directly); the one optional extra is a keyword-only
 ``out=None`` (see "Output buffer" below). normkit validates every argument in
@@ -71,7 +80,23 @@ The semantics that are explicit choices
    ``bn-empty-batch``, ``bn-constant-channel``.
 9. **Variance algorithm.** Two-pass (centre, then sum squares) or Welford/Chan merges, in at
    least the compute dtype. :math:`E[x^2] - E[x]^2` is not allowed: it loses every digit when
-   :math:`|\mu| \gg \sigma`. Conformance: ``bn-offset-1e4``.
+   :math:`|\mu| \gg \sigma`, across parts too: partial statistics merge by Chan's formula
+   (:func:`normkit.merge_moments`), never by summing :math:`\sum x` and :math:`\sum x^2`.
+   Conformance: ``bn-offset-1e4``, ``moments-offset-1e4``, ``gn-offset-1e4-*``.
+10. **Groups** (group norm). The ``C`` channels fall into ``G`` contiguous blocks of ``C/G``
+    (channel ``c`` is in group ``c // (C/G)``; PyTorch, Keras, Flax, ONNX; MLX's default
+    interleaves and is not this); each sample's block is one reduction set; the affine is per
+    channel (ONNX opset 21; opset 18's per-group scale ``s`` is ``numpy.repeat(s, C // G)``).
+    Conformance: ``gn-*``.
+11. **RMS norm** normalizes by :math:`\sqrt{\overline{x^2} + \epsilon}` (no mean) and
+    multiplies by :math:`w + o` (``weight_offset`` :math:`o`: 1 for Gemma's :math:`1 + w`). For a
+    float16/bfloat16 input the normalized value is computed in float32 and rounded to the input
+    dtype either after the weight (``"after_weight"``: torch, Keras, Flax, Gemma, Transformer
+    Engine) or before it (``"before_weight"``: Llama, the ONNX spec's body; the product is then
+    rounded again). Conformance: ``rms-*``.
+12. **Masks** (:func:`normkit_moments`): a boolean ``mask`` (``True`` counts) selects the values
+    that enter the statistics; a group with nothing selected has count 0, mean 0 and M2 0, the
+    identity of the merge. Conformance: ``moments-mask-*``.
 
 Purity
 ------
@@ -106,11 +131,21 @@ __all__ = [
     "BackendInfo",
     "normkit_backend_info",
     "normkit_batch_norm",
+    "normkit_group_norm",
     "normkit_instance_norm",
     "normkit_layer_norm",
+    "normkit_moments",
+    "normkit_normalize",
+    "normkit_rms_norm",
 ]
 
-SPEC_VERSION = 1
+PRIMITIVES = ("moments", "normalize")
+"""The version-2 primitives: a backend with both serves every composite it lacks."""
+COMPOSITES = ("batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm")
+"""The composite operations (the fast paths)."""
+
+
+SPEC_VERSION = 2
 """Version of this specification. It changes when a hook's signature or meaning changes."""
 
 Array = Any
@@ -147,6 +182,10 @@ class BackendInfo:
         skips the checks that need such a dimension, and the kernel must handle it.
     :param full: ``full(shape, fill_value, dtype, like)`` creates an array filled with
         ``fill_value`` of the named dtype on the device of the backend array ``like``.
+    :param astype: (version 2, optional) ``astype(array, dtype)``: the array converted to the
+        named dtype (``"float64"``, ``"int64"``, ``"bool"``), on its device, differentiable where
+        the framework is. normkit uses it to compose operations from the primitives and to merge
+        moments; without it, arrays make a round trip through NumPy.
     """
 
     name: str
@@ -160,6 +199,7 @@ class BackendInfo:
     device: Callable[[Array], str]
     shape: Callable[[Array], tuple[int, ...]]
     full: Callable[[tuple[int, ...], float, str, Array], Array]
+    astype: Callable[[Array, str], Array] | None = None
 
 
 @hookspec
@@ -320,4 +360,163 @@ def normkit_layer_norm(
     Stops at first non-None result; normkit resolves one implementation per array type.
 
     Conformance: ``ln-*`` cases in :mod:`normkit.testing.cases`.
+    """
+
+
+@hookspec(firstresult=True)
+def normkit_moments(
+    x: Array,
+    axes: tuple[int, ...],
+    mask: Array | None,
+    group_axis: int | None,
+    num_groups: int | None,
+) -> tuple[Array, Array, Array]:
+    r"""Partial statistics of ``x`` over the axes ``axes``, as values: ``(count, mean, m2)``.
+
+    Each *group* is one index of the axes not in ``axes`` (kept, in order). For a group with
+    values :math:`x_i` and mask :math:`m_i \in \{0, 1\}` (1 without a mask):
+
+    .. math::
+
+       n = \sum_i m_i, \qquad \mu = \frac1n \sum_i m_i x_i, \qquad
+       M_2 = \sum_i m_i (x_i - \mu)^2 ,
+
+    and a group with :math:`n = 0` is ``(0, 0, 0)``, the identity of the merge. ``M2`` is the sum
+    of squared deviations, so the biased variance is :math:`M_2/n` and the unbiased one
+    :math:`M_2/(n-1)`; two parts merge exactly by Chan's formula (:func:`normkit.merge_moments`).
+    Computed two-pass (or by Welford/Chan merges) in at least the compute dtype (float32 for
+    float16/bfloat16/float32 input, float64 for float64): never from :math:`\sum x^2`.
+
+    **Groups of channels** (group norm): with ``num_groups = G``, axis ``group_axis`` (not in
+    ``axes``) is split into ``G`` contiguous blocks of ``x.shape[group_axis] // G``, and each
+    block is pooled; the result has size ``G`` on that axis.
+
+    :param x: input of any rank >= 1 (it may be empty).
+    :param axes: the reduced axes: non-negative, strictly increasing, not empty.
+    :param mask: ``None``, or a boolean array of the backend's type with ``x``'s rank whose
+        sizes equal ``x``'s or 1 (broadcast): ``True`` where a value counts.
+    :param group_axis: the axis split into groups, or ``None``.
+    :param num_groups: ``G``, a positive divisor of ``x.shape[group_axis]``, or ``None``.
+    :returns: ``(count, mean, m2)``, each with the shape of the kept axes (``G`` on
+        ``group_axis``): ``count`` in an integer dtype (int64 where the backend has it),
+        ``mean`` and ``m2`` in the compute dtype.
+
+    Preconditions: ``x`` is floating; ``mask`` is boolean and broadcasts as described;
+    ``group_axis`` and ``num_groups`` are both given or both ``None``.
+
+    Stops at first non-None result; normkit resolves one implementation per array type.
+
+    Conformance: ``moments-*`` cases in :mod:`normkit.testing.cases`.
+    """
+
+
+@hookspec(firstresult=True)
+def normkit_normalize(
+    x: Array,
+    mean: Array,
+    var: Array,
+    weight: Array | None,
+    bias: Array | None,
+    eps: float,
+    axes: tuple[int, ...],
+    param_axes: tuple[int, ...],
+) -> Array:
+    r"""Apply given statistics: :math:`y = (x - \mu)/\sqrt{\sigma^2 + \epsilon}\,\gamma + \beta`.
+
+    The statistics are constant along ``axes`` (the reduced axes) and vary along the others:
+    ``mean`` and ``var`` have the shape of the kept axes, in order, where one kept axis may
+    have a size ``G`` below ``x``'s that divides it (groups of channels: block ``g`` of
+    ``x.shape[a] // G`` consecutive indices takes statistic ``g``). ``weight`` (γ) and ``bias``
+    (β) span ``param_axes``. Batch norm is ``axes`` = every axis but the channel axis and
+    ``param_axes = (axis,)``; instance norm keeps ``(0, axis)``; group norm keeps ``(0, axis)``
+    with ``G`` on ``axis``; layer norm's ``param_axes`` are its ``axes``.
+
+    Computed in the compute dtype (float32 for float16/bfloat16 input), with the statistics in
+    at least that precision and ε inside the square root; ``y`` has ``x``'s dtype. A value
+    whose :math:`\sigma^2 + \epsilon` is 0 cannot occur (ε > 0).
+
+    :param x: input of any rank >= 1.
+    :param mean: μ with the kept axes' shape (see above), any floating dtype.
+    :param var: σ² with the same shape.
+    :param weight: γ with shape ``tuple(x.shape[a] for a in param_axes)``, or ``None`` for 1.
+    :param bias: β with the same shape, or ``None`` for 0.
+    :param eps: ε > 0.
+    :param axes: the reduced axes: non-negative, strictly increasing.
+    :param param_axes: the axes γ and β span: non-negative, strictly increasing.
+    :returns: ``y`` with the shape and dtype of ``x``.
+
+    Stops at first non-None result; normkit resolves one implementation per array type.
+
+    Conformance: ``normalize-*`` cases in :mod:`normkit.testing.cases`, and every composite
+    case when a backend's composites are composed from the primitives.
+    """
+
+
+@hookspec(firstresult=True)
+def normkit_group_norm(
+    x: Array,
+    num_groups: int,
+    weight: Array | None,
+    bias: Array | None,
+    eps: float,
+    axis: int,
+) -> Array:
+    r"""Group normalization: per sample, statistics over each block of ``C/G`` channels and
+    every other non-batch axis (rule 10 above), then a per-channel affine:
+
+    .. math::
+
+       y = \gamma_c\,\frac{x - \mu_{n,g}}{\sqrt{\sigma^2_{n,g} + \epsilon}} + \beta_c ,
+       \qquad g = \lfloor c / (C/G) \rfloor .
+
+    One group is layer norm over every axis but the batch axis (with per-channel affine);
+    ``C`` groups are instance norm. No running state: training and eval are the same.
+
+    :param x: input of rank >= 2 with the batch on axis 0, channels on ``axis``.
+    :param num_groups: ``G``, a positive divisor of ``C``.
+    :param weight: γ, shape ``(C,)``, or ``None``.
+    :param bias: β, shape ``(C,)``, or ``None``.
+    :param eps: ε > 0.
+    :param axis: the channel axis, ``1 <= axis < x.ndim``.
+    :returns: ``y`` with the shape and dtype of ``x``.
+
+    Stops at first non-None result; normkit resolves one implementation per array type.
+
+    Conformance: ``gn-*`` cases in :mod:`normkit.testing.cases`.
+    """
+
+
+@hookspec(firstresult=True)
+def normkit_rms_norm(
+    x: Array,
+    weight: Array | None,
+    axes: tuple[int, ...],
+    eps: float,
+    weight_offset: float,
+    cast_before_weight: bool,
+) -> Array:
+    r"""RMS normalization over ``axes`` (rule 11 above): for each index of the other axes,
+
+    .. math::
+
+       \hat x = \frac{x}{\sqrt{\frac1n \sum x^2 + \epsilon}}, \qquad y = \hat x\,(w + o) ,
+
+    with the mean square accumulated in the compute dtype and ``w`` element-wise over the
+    normalized axes (``None``: no weight, and ``o`` is ignored). For float16/bfloat16 input,
+    ``cast_before_weight=False`` rounds :math:`\hat x (w + o)` to the input dtype once;
+    ``True`` rounds :math:`\hat x` to the input dtype, multiplies by :math:`w + o` in the compute
+    dtype and rounds again (Llama, ONNX). For float32 and float64 input the two agree.
+
+    :param x: input of any rank >= 1 with at least one element.
+    :param weight: ``w`` with shape ``tuple(x.shape[a] for a in axes)``, or ``None``.
+    :param axes: the normalized axes, non-negative, strictly increasing, not empty.
+    :param eps: ε > 0 (normkit resolves PyTorch's ``eps=None`` to the compute dtype's machine
+        epsilon before calling).
+    :param weight_offset: ``o``, added to ``w`` (Gemma: 1).
+    :param cast_before_weight: the cast order for half-precision input (see above).
+    :returns: ``y`` with the shape and dtype of ``x``.
+
+    Stops at first non-None result; normkit resolves one implementation per array type.
+
+    Conformance: ``rms-*`` cases in :mod:`normkit.testing.cases`.
     """

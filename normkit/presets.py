@@ -15,7 +15,18 @@ eps: layer norm                    1e-5        1e-3        1e-6        1e-5
 eps: instance norm                 1e-5        1e-3        1e-6        1e-5
 one value per channel in training  error       allowed     allowed     allowed
 instance norm affine by default    no          yes         yes         yes
+eps: group norm                    1e-5        1e-3        1e-6        1e-5
+eps: RMS norm                      None [1]_   1e-6        1e-6        1e-5
+RMS cast order (half precision)    after       after       after       before
+RMS weight offset                  0           0           0           0
 =================================  ==========  ==========  ==========  ==========
+
+Two presets exist for RMS norm's model-family conventions; everything else in them is
+``torch``'s: ``llama`` (eps 1e-6, cast before the weight, as Llama and the ONNX spec) and
+``gemma`` (eps 1e-6, cast after the weight, weight offset 1: Gemma's :math:`1 + w`).
+
+.. [1] PyTorch's ``eps=None``: the machine epsilon of the compute dtype (``1.19e-7`` for
+   float16, bfloat16 and float32 input, ``2.2e-16`` for float64).
 
 ``momentum_weights="batch"`` means :math:`r \leftarrow (1-m)\,r + m\,b` (PyTorch);
 ``"running"`` means :math:`r \leftarrow m\,r + (1-m)\,b` (Keras/Flax/ONNX call it momentum or
@@ -40,12 +51,15 @@ __all__ = [
     "check_estimator",
     "check_momentum",
     "check_momentum_weights",
+    "check_rms_cast",
     "get_preset",
     "momentum_in_convention",
 ]
 
 MomentumWeights = Literal["batch", "running"]
 RunningVarEstimator = Literal["unbiased", "biased"]
+RmsCast = Literal["after_weight", "before_weight"]
+RMS_CASTS = ("after_weight", "before_weight")
 
 
 class _Default:
@@ -83,6 +97,10 @@ class Preset:
     instance_norm_eps: float
     allow_single_value: bool
     instance_norm_affine: bool
+    group_norm_eps: float = 1e-5
+    rms_norm_eps: float | None = None
+    rms_cast: RmsCast = "after_weight"
+    rms_weight_offset: float = 0.0
 
     @property
     def update_weight(self) -> float:
@@ -98,10 +116,31 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
-        Preset("torch", 0.1, "batch", "unbiased", 1, 1e-5, 1e-5, 1e-5, False, False),
-        Preset("keras", 0.99, "running", "biased", -1, 1e-3, 1e-3, 1e-3, True, True),
-        Preset("flax", 0.99, "running", "biased", -1, 1e-5, 1e-6, 1e-6, True, True),
-        Preset("onnx", 0.9, "running", "biased", 1, 1e-5, 1e-5, 1e-5, True, True),
+        Preset("torch", 0.1, "batch", "unbiased", 1, 1e-5, 1e-5, 1e-5, False, False, 1e-5, None),
+        Preset("keras", 0.99, "running", "biased", -1, 1e-3, 1e-3, 1e-3, True, True, 1e-3, 1e-6),
+        Preset("flax", 0.99, "running", "biased", -1, 1e-5, 1e-6, 1e-6, True, True, 1e-6, 1e-6),
+        Preset(
+            "onnx", 0.9, "running", "biased", 1, 1e-5, 1e-5, 1e-5, True, True, 1e-5, 1e-5, "before_weight"
+        ),
+        Preset(
+            "llama", 0.1, "batch", "unbiased", 1, 1e-5, 1e-5, 1e-5, False, False, 1e-5, 1e-6, "before_weight"
+        ),
+        Preset(
+            "gemma",
+            0.1,
+            "batch",
+            "unbiased",
+            1,
+            1e-5,
+            1e-5,
+            1e-5,
+            False,
+            False,
+            1e-5,
+            1e-6,
+            "after_weight",
+            1.0,
+        ),
     )
 }
 
@@ -179,3 +218,18 @@ def check_estimator(estimator: str) -> bool:
     if estimator not in ("unbiased", "biased"):
         raise ValueError(f"running_var_estimator={estimator!r}; expected 'unbiased' or 'biased'")
     return estimator == "unbiased"
+
+
+def check_rms_cast(cast: object) -> RmsCast:
+    """``cast`` if it names an RMS cast order.
+
+    :raises ValueError: naming ``cast`` otherwise.
+    """
+    if cast not in RMS_CASTS:
+        raise ValueError(f"cast={cast!r}; expected one of {RMS_CASTS}")
+    return cast  # type: ignore[return-value]
+
+
+def machine_eps(dtype: str) -> float:
+    """The machine epsilon of the compute dtype for input ``dtype`` (PyTorch's ``eps=None``)."""
+    return 2.220446049250313e-16 if dtype == "float64" else 1.1920928955078125e-07

@@ -224,7 +224,7 @@ CASES: list[tuple[str, Callable[[normkit.BatchNorm], Any], type[Exception], str]
         "unknown-preset",
         lambda layer: functional(layer, preset="caffe"),
         ValueError,
-        "preset='caffe' is not a known preset; expected one of ['flax', 'keras', 'onnx', 'torch']",
+        "preset='caffe' is not a known preset; expected one of ['flax', 'gemma', 'keras', 'llama', 'onnx', 'torch']",
     ),
     (
         "unknown-array-type",

@@ -24,7 +24,7 @@ def test_python_dash_m_normkit_runs_the_same_command() -> None:
 def test_info(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "normkit 0.1.0 (spec version 1)" in out
+    assert "normkit 0.1.0 (spec version 2)" in out
     assert re.search(r"numpy +normkit 0.1.0", out) and "loaded (built in)" in out
 
 

@@ -75,6 +75,6 @@ def test_update_weight_is_the_same_exponential_average_in_either_convention(name
 def test_unknown_preset_lists_the_known_ones() -> None:
     with pytest.raises(
         ValueError,
-        match=r"preset='mxnet' is not a known preset; expected one of \['flax', 'keras', 'onnx', 'torch'\]",
+        match=r"preset='mxnet' is not a known preset; expected one of \['flax', 'gemma', 'keras', 'llama', 'onnx', 'torch'\]",
     ):
         presets.get_preset("mxnet")

@@ -22,6 +22,21 @@ a ``numpy.ma.MaskedArray``), ``ValueError`` for wrong shapes and values.
 from __future__ import annotations
 
 from normkit.functional.channel import BatchNormResult, InstanceNormResult, batch_norm, instance_norm
+from normkit.functional.group import group_norm
 from normkit.functional.layer import layer_norm
+from normkit.functional.rms import rms_norm
+from normkit.functional.statistics import Moments, merge_moments, moments, normalize
 
-__all__ = ["BatchNormResult", "InstanceNormResult", "batch_norm", "instance_norm", "layer_norm"]
+__all__ = [
+    "BatchNormResult",
+    "InstanceNormResult",
+    "Moments",
+    "batch_norm",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "merge_moments",
+    "moments",
+    "normalize",
+    "rms_norm",
+]

@@ -20,6 +20,8 @@ from normkit.functional._checks import (
     _momentum,
     _size,
 )
+from normkit.functional.masked import masked_batch_norm
+from normkit.functional.statistics import check_mask
 
 __all__ = ["BatchNormResult", "InstanceNormResult", "batch_norm", "instance_norm"]
 
@@ -56,6 +58,7 @@ def _channel_norm(
     allow_single_value: bool | None,
     p: presets.Preset,
     out: Array | None = None,
+    mask: Array | None = None,
 ) -> tuple[Array, Array | None, Array | None]:
     """Batch or instance norm once the backend, the input's shape and the axis are known
     (the entry point for layers, which resolve those themselves)."""
@@ -79,6 +82,15 @@ def _channel_norm(
             f"running_mean and running_var are None: {flag} normalizes with running statistics; pass them"
         )
     kernel = be.batch_norm if op == "batch_norm" else be.instance_norm
+    if mask is not None:
+        check_mask(be, mask, shape)
+        if use_batch_stats:  # eval ignores the mask (Keras)
+            _check_out(be, be.normalize, op, out, x, shape)
+            if _size(shape) == 0:
+                return (_empty_like(be, x, shape) if out is None else out), running_mean, running_var
+            return masked_batch_norm(
+                be, x, mask, axis, weight, bias, running_mean, running_var, m, eps, unbiased, out
+            )
     _check_out(be, kernel, op, out, x, shape)
     size = _size(shape)
     if size == 0:
@@ -114,6 +126,7 @@ def batch_norm(
     preset: str | presets.Preset = "torch",
     backend: str | None = None,
     out: Array | None = None,
+    mask: Array | None = None,
 ) -> BatchNormResult:
     r"""Batch normalization (see :func:`normkit.hookspecs.normkit_batch_norm` for the math).
 
@@ -135,6 +148,13 @@ def batch_norm(
     :param out: an array of ``x``'s type, shape, dtype and device to write ``y`` into (it is
         then returned as ``y``); ``x`` itself normalizes in place. Only backends whose kernel
         takes ``out`` accept it (the NumPy backend does).
+    :param mask: a boolean array (``True`` counts) with ``x``'s rank and, on each axis, ``x``'s size
+        or 1 (Keras's semantics). In training the statistics are those of the unmasked values
+        only (every value is normalized with them), and the running statistics move with each
+        channel's own count: a channel with nothing unmasked keeps its running statistics (Keras
+        pulls them toward 0, Flax gives NaN), and under the unbiased estimator a channel with one
+        unmasked value keeps its running variance. Eval ignores the mask. With a mask, one value
+        per channel is never an error (the counts are data).
     :returns: :class:`BatchNormResult` ``(y, running_mean, running_var)``.
     """
     p = presets.get_preset(preset)
@@ -160,6 +180,7 @@ def batch_norm(
             allow_single_value,
             p,
             out,
+            mask,
         )
     )
 

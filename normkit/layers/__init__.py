@@ -1,6 +1,8 @@
 r"""Layers: configuration, state and the training flag around the pure operations.
 
-One class per operation; the input's rank is free (``BatchNorm`` serves 1-D, 2-D and 3-D
+One class per operation, one module per family (:mod:`~normkit.layers.channel_norm`: batch and
+instance norm; :mod:`~normkit.layers.layer_norm`, :mod:`~normkit.layers.group_norm`,
+:mod:`~normkit.layers.rms_norm`); the input's rank is free (``BatchNorm`` serves 1-D, 2-D and 3-D
 inputs). State is created lazily on the first call, in the input's backend and on its
 device: ``weight`` = 1, ``bias`` = 0, ``running_mean`` = 0, ``running_var`` = 1, float64 for
 float64 input and float32 otherwise.
@@ -33,6 +35,8 @@ from __future__ import annotations
 
 from normkit.layers.channel_norm import BatchNorm, InstanceNorm
 from normkit.layers.convert import convert_state_dict
+from normkit.layers.group_norm import GroupNorm
 from normkit.layers.layer_norm import LayerNorm
+from normkit.layers.rms_norm import RMSNorm
 
-__all__ = ["BatchNorm", "InstanceNorm", "LayerNorm", "convert_state_dict"]
+__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "convert_state_dict"]

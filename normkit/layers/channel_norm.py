@@ -142,8 +142,15 @@ class _ChannelNorm(_Layer):
             )
         return state
 
-    def __call__(self, x: Array) -> Array:
-        """Normalize ``x``; in training with tracked statistics, update them."""
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        """Normalize ``x``; in training with tracked statistics, update them.
+
+        :param mask: (batch norm) a boolean array, ``True`` where a value counts: training
+            statistics over the unmasked values only; eval ignores it (see
+            :func:`normkit.batch_norm`).
+        """
+        if mask is not None and self._op != "batch_norm":
+            raise TypeError(f"mask=: {type(self).__name__} takes no mask (only BatchNorm does)")
         be = self._resolve(x, self._min_ndim, self._op)
         shape = _checks._check_input(be, x, self._min_ndim, self._op)
         axis = (
@@ -194,6 +201,7 @@ class _ChannelNorm(_Layer):
             self.running_var_estimator,
             self.allow_single_value,
             self._preset,
+            mask=mask,
         )
         if update and math.prod(shape) > 0:
             state = state.replace(running_mean=new_mean, running_var=new_var, num_batches_tracked=count)

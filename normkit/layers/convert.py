@@ -53,7 +53,10 @@ def convert_state_dict(
         new["allow_single_value"] = target.allow_single_value
         if axis is not None:
             new["axis"] = axis
-    elif metadata.get("layer") == "LayerNorm":
+    elif metadata.get("layer") == "GroupNorm":
+        if axis is not None:
+            new["axis"] = axis
+    elif metadata.get("layer") in ("LayerNorm", "RMSNorm"):
         if axis is not None:
             new["axis"] = list(axis) if not isinstance(axis, int) else axis
             new["normalized_shape"] = None

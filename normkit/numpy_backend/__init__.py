@@ -29,14 +29,19 @@ import numpy as np
 from normkit._registry import hookimpl
 from normkit.hookspecs import BackendInfo
 from normkit.numpy_backend import pure as kernels
+from normkit.numpy_backend import statistics
 
 __all__ = [
     "KERNELS_ENV",
     "kernels_in_use",
     "normkit_backend_info",
     "normkit_batch_norm",
+    "normkit_group_norm",
     "normkit_instance_norm",
     "normkit_layer_norm",
+    "normkit_moments",
+    "normkit_normalize",
+    "normkit_rms_norm",
     "numpy_dtype",
     "planned_kernels",
     "use_kernels",
@@ -121,6 +126,10 @@ def _asarray(array: np.ndarray, dtype: str, device: str | None) -> np.ndarray:
     return np.array(array, dtype=numpy_dtype(dtype), copy=True)
 
 
+def _astype(array: np.ndarray, dtype: str) -> np.ndarray:
+    return np.asarray(array).astype(numpy_dtype(dtype))
+
+
 def _full(shape: tuple[int, ...], fill_value: float, dtype: str, like: np.ndarray) -> np.ndarray:
     return np.full(shape, fill_value, dtype=numpy_dtype(dtype))
 
@@ -168,6 +177,7 @@ def normkit_backend_info() -> BackendInfo:
             device=lambda a: "cpu",
             shape=lambda a: a.shape,
             full=_full,
+            astype=_astype,
         )
     return _INFO
 
@@ -345,3 +355,38 @@ def normkit_layer_norm(x, weight, bias, axes, eps, *, out=None):
     b = None if bias is None else np.asarray(bias, dtype=cdt).reshape(param_shape)
     y = kernels.normalize_elementwise(d, shift, mean, var, eps, w, b)
     return kernels.finish_output(y.reshape(x.shape), x, out)
+
+
+@hookimpl
+def normkit_moments(x, axes, mask, group_axis, num_groups):
+    glue = _glue()
+    if glue is not None and hasattr(glue, "moments"):
+        result = glue.moments(x, tuple(axes), mask, group_axis, num_groups)
+        if result is not None:
+            return result
+    return statistics.moments(x, tuple(axes), mask, group_axis, num_groups)
+
+
+@hookimpl
+def normkit_normalize(x, mean, var, weight, bias, eps, axes, param_axes, *, out=None):
+    return statistics.normalize(x, mean, var, weight, bias, eps, tuple(axes), tuple(param_axes), out)
+
+
+@hookimpl
+def normkit_group_norm(x, num_groups, weight, bias, eps, axis, *, out=None):
+    glue = _glue()
+    if glue is not None and hasattr(glue, "group_norm"):
+        y = glue.group_norm(x, num_groups, weight, bias, eps, axis, out)
+        if y is not None:
+            return y
+    return statistics.group_norm(x, num_groups, weight, bias, eps, axis, out)
+
+
+@hookimpl
+def normkit_rms_norm(x, weight, axes, eps, weight_offset, cast_before_weight, *, out=None):
+    glue = _glue()
+    if glue is not None and hasattr(glue, "rms_norm"):
+        y = glue.rms_norm(x, weight, tuple(axes), eps, weight_offset, cast_before_weight, out)
+        if y is not None:
+            return y
+    return statistics.rms_norm(x, weight, tuple(axes), eps, weight_offset, cast_before_weight, out)

@@ -26,7 +26,16 @@ import numpy as np
 from normkit.numpy_backend import numba_loops as kernels
 from normkit.numpy_backend.pure import finish_output
 
-__all__ = ["MIN_ROW", "channel_eval", "channel_train", "layer_norm", "merge_statistics"]
+__all__ = [
+    "MIN_ROW",
+    "channel_eval",
+    "channel_train",
+    "group_norm",
+    "layer_norm",
+    "merge_statistics",
+    "moments",
+    "rms_norm",
+]
 
 MIN_ROW = 32
 """Shortest contiguous run per channel for the rows layout; shorter runs use columns."""
@@ -78,9 +87,9 @@ def merge_statistics(
     r"""Merge groups of values along ``axis`` from their counts, means and sums of squared
     deviations (float64): :math:`n = \sum n_p`, :math:`\mu = \sum n_p\mu_p / n`,
     :math:`M_2 = \sum M_{2,p} + n_p(\mu_p - \mu)^2` (two passes over the parts, so nothing
-    cancels)."""
+    cancels). A group of parts that hold no values merges to ``(0, 0, 0)``."""
     n = counts.sum(axis=axis)
-    mean = (counts * means).sum(axis=axis) / n
+    mean = (counts * means).sum(axis=axis) / np.maximum(n, 1.0)  # no values: (0, 0, 0)
     deviation = means - np.expand_dims(mean, axis)
     return n, mean, (m2 + counts * deviation * deviation).sum(axis=axis)
 
@@ -213,4 +222,201 @@ def layer_norm(
     b = np.zeros(size, xc.dtype) if bias is None else np.asarray(bias, dtype=xc.dtype).reshape(size)
     shape2 = (x.size // size, size)
     kernels.layer_norm_rows(xc.reshape(shape2), w, b, eps, y.reshape(shape2))
+    return finish_output(y, x, out)
+
+
+# --- spec version 2: statistics as values, group norm, RMS norm ---------------------------------
+
+MIN_PART = 16384
+"""Fewest values per parallel range of one group's statistics (fewer ranges than threads when
+the groups are small)."""
+
+
+def _layout(shape: tuple[int, ...], reduced: set[int]) -> tuple[int, int, int, int] | None:
+    """``(G, A, C, B)``: ``shape`` (C-contiguous) with its reduced axes ``reduced`` merged into the
+    canonical four runs kept, reduced, kept, reduced (sizes of 1 dropped, missing runs 1), or
+    ``None`` when the axes alternate more often than that."""
+    runs: list[list[int]] = []  # [reduced?, size]
+    for a, size in enumerate(shape):
+        if size == 1:
+            continue
+        kind = int(a in reduced)
+        if runs and runs[-1][0] == kind:
+            runs[-1][1] *= size
+        else:
+            runs.append([kind, size])
+    if runs and runs[0][0]:
+        runs.insert(0, [0, 1])
+    if len(runs) > 4:
+        return None
+    sizes = [size for _, size in runs] + [1] * (4 - len(runs))
+    return sizes[0], sizes[1], sizes[2], sizes[3]
+
+
+def _rows_layout(run: int, rows: int) -> bool:
+    """Whether statistics over ``rows`` runs of ``run`` contiguous values take the rows kernels
+    (long runs, or more values per run than runs) rather than the columns ones."""
+    return run >= MIN_ROW or run >= rows
+
+
+def _statistics(x4: np.ndarray, keep4: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Float64 ``(count, mean, m2)`` of shape ``(G, C)`` of the rows layout ``x4`` ``(G, A, C, B)``
+    (compute dtype, C-contiguous) over ``A`` and ``B``, counting the values where ``keep4`` (same
+    layout, boolean) is true when it is given."""
+    groups, rows, channels, inner = x4.shape
+    if _rows_layout(inner, rows):
+        wanted = -(-PARTS_PER_THREAD * numba.get_num_threads() // (groups * channels))
+        parts = max(1, min(wanted, rows * inner // MIN_PART))
+        if keep4 is None:
+            partial = kernels.row_statistics(x4, parts)
+        else:
+            partial = kernels.row_statistics_masked(x4, keep4, parts)
+        return merge_statistics(partial[..., 0], partial[..., 1], partial[..., 2], axis=2)
+    shape3 = (groups, rows, channels * inner)
+    block_rows = kernels.column_block_rows(channels * inner, x4.itemsize)
+    parts = _parts(rows, groups, block_rows)
+    if keep4 is None:
+        partial = kernels.column_statistics(x4.reshape(shape3), parts, block_rows)
+    else:
+        partial = kernels.column_statistics_masked(x4.reshape(shape3), keep4.reshape(shape3), parts, block_rows)
+
+    # (G, parts, C·B) -> (G, parts·B, C): merge the row ranges and the B columns of a channel
+    def regroup(a: np.ndarray) -> np.ndarray:
+        return a.reshape(groups, parts, channels, inner).transpose(0, 1, 3, 2).reshape(groups, -1, channels)
+
+    return merge_statistics(*(regroup(partial[:, :, k]) for k in range(3)), axis=1)
+
+
+def moments(
+    x: np.ndarray,
+    axes: tuple[int, ...],
+    mask: np.ndarray | None,
+    group_axis: int | None,
+    num_groups: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    r"""``(count, mean, m2)`` of ``x`` over ``axes`` per :func:`normkit.hookspecs.normkit_moments`
+    (``count`` int64, ``mean`` and :math:`M_2 = \sum (x - \mu)^2` in the compute dtype, shaped as
+    the kept axes with ``G`` on ``group_axis``), or ``None`` when the kept and reduced axes
+    alternate more than kept, reduced, kept, reduced (after merging neighbours and dropping
+    sizes of 1; channel groups count as a kept axis followed by a reduced one).
+
+    Computed in float64 from blocked two-pass sums (:func:`_statistics`); with a ``mask`` only
+    the values where it is true are read into the sums (a NaN elsewhere does not count)."""
+    shape = x.shape
+    reduced = {a % x.ndim for a in axes}
+    if group_axis is not None:
+        group_axis %= x.ndim
+        shape = (*shape[:group_axis], num_groups, shape[group_axis] // num_groups, *shape[group_axis + 1 :])
+        reduced = {a + (a > group_axis) for a in reduced} | {group_axis + 1}
+    kept = tuple(size for a, size in enumerate(shape) if a not in reduced)
+    cdt = np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
+    if x.size == 0:
+        return np.zeros(kept, np.int64), np.zeros(kept, cdt), np.zeros(kept, cdt)
+    layout = _layout(shape, reduced)
+    if layout is None:
+        return None
+    xc, _ = _compute_view(x)
+    keep = None
+    if mask is not None:
+        keep = np.ascontiguousarray(np.broadcast_to(np.asarray(mask, dtype=bool), x.shape)).reshape(layout)
+    n, mean, m2 = _statistics(xc.reshape(layout), keep)
+    return (
+        n.astype(np.int64).reshape(kept),
+        mean.astype(cdt).reshape(kept),
+        np.maximum(m2, 0.0).astype(cdt).reshape(kept),
+    )
+
+
+def group_norm(
+    x: np.ndarray,
+    num_groups: int,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    eps: float,
+    axis: int,
+    out: np.ndarray | None,
+) -> np.ndarray | None:
+    r"""Group norm per :func:`normkit.hookspecs.normkit_group_norm`, or ``None`` for empty input.
+
+    With ``A`` the product of the axes between the batch and the channel axis, ``B`` of those
+    after it and ``K = (C/G)·B``, each group ``(n, g)`` is ``A`` contiguous runs of ``K`` values:
+
+    * long runs (channels-first, ``A = 1``): :func:`~normkit.numpy_backend.numba_loops.group_norm_rows`,
+      one parallel task per group that writes ``y`` while its values are still in cache;
+    * short runs (channels-last: ``K = C/G`` adjacent channels in each of ``A = H·W`` rows): the
+      columns layout ``(N, A, C·B)``, per-column statistics of row ranges merged in float64 over
+      the ranges and the group's ``K`` columns, then one parallel pass for ``y``.
+    """
+    if x.size == 0:
+        return None
+    axis %= x.ndim
+    samples, rows, channels, inner = x.shape[0], *_split(x.shape, axis, 1)
+    per_group = channels // num_groups
+    run = per_group * inner
+    xc, copied = _compute_view(x)
+    y = _output(x, xc, copied, out)
+    if _rows_layout(run, rows):
+        shape4 = (samples, rows, num_groups, run)
+        kernels.group_norm_rows(
+            xc.reshape(shape4),
+            _per_channel64(weight, channels, 1.0),
+            _per_channel64(bias, channels, 0.0),
+            eps,
+            inner,
+            y.reshape(shape4),
+        )
+        return finish_output(y, x, out)
+    shape3 = (samples, rows, channels * inner)
+    n, mean, m2 = _statistics(xc.reshape(samples, rows, num_groups, run), None)
+    var = np.maximum(m2 / n, 0.0)
+    s, a, b = _coefficients(
+        np.repeat(mean, per_group, axis=1),
+        np.repeat(var, per_group, axis=1),
+        eps,
+        weight,
+        bias,
+        xc.dtype,
+        batch_statistics=True,
+    )
+    block_rows = kernels.column_block_rows(channels * inner, xc.itemsize)
+    kernels.affine_columns(
+        xc.reshape(shape3),
+        *(np.repeat(c, inner, axis=1) for c in (s, a, b)),
+        y.reshape(shape3),
+        _parts(rows, samples, block_rows),
+    )
+    return finish_output(y, x, out)
+
+
+def rms_norm(
+    x: np.ndarray,
+    weight: np.ndarray | None,
+    axes: tuple[int, ...],
+    eps: float,
+    weight_offset: float,
+    cast_before_weight: bool,
+    out: np.ndarray | None,
+) -> np.ndarray | None:
+    r"""RMS norm per :func:`normkit.hookspecs.normkit_rms_norm` over trailing ``axes``, or ``None``
+    (other axes, or empty input).
+
+    :func:`~normkit.numpy_backend.numba_loops.rms_norm_rows` on the ``(R, K)`` rows: the mean
+    square in float64, :math:`\hat x = x\,r` with :math:`r = 1/\sqrt{\overline{x^2}+\epsilon}`
+    in the compute dtype, times :math:`w + o` in the compute dtype. float16/bfloat16 input is
+    normalized in a float32 copy; with ``cast_before_weight`` (and a weight) :math:`\hat x` is
+    rounded to the input dtype before the product, which is rounded again."""
+    if x.size == 0 or tuple(axes) != tuple(range(x.ndim - len(axes), x.ndim)):
+        return None
+    xc, copied = _compute_view(x)
+    y = _output(x, xc, copied, out)
+    size = math.prod(x.shape[x.ndim - len(axes) :])
+    before = weight is not None and cast_before_weight and xc.dtype != x.dtype
+    scale = np.ones(size, xc.dtype)
+    if weight is not None:
+        scale = (np.asarray(weight, dtype=np.float64).reshape(size) + weight_offset).astype(xc.dtype)
+    shape2 = (x.size // size, size)
+    kernels.rms_norm_rows(xc.reshape(shape2), np.ones(size, xc.dtype) if before else scale, eps, y.reshape(shape2))
+    if before:  # y is the private float32 copy: round x̂ to the input dtype, then apply w + o
+        np.copyto(y, y.astype(x.dtype), casting="unsafe")
+        np.multiply(y.reshape(shape2), scale, out=y.reshape(shape2))
     return finish_output(y, x, out)

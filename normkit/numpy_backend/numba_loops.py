@@ -281,3 +281,303 @@ def layer_norm_rows(x, weight, bias, eps, y):
         inv = cast(inverse)
         for i in range(size):
             dst[i] = ((src[i] - s) * inv - correction) * weight[i] + bias[i]
+
+
+# --- spec version 2: statistics as values, group norm, RMS norm ---------------------------------
+
+
+@_jit
+def _moments64_masked(values, keep):
+    """Two-pass count, mean and sum of squared deviations of the kept ``values`` (1-D), in float64:
+    the fallback for a masked block whose float32 squares overflow."""
+    count = 0
+    total = 0.0
+    for i in range(values.shape[0]):
+        if keep[i]:
+            total += np.float64(values[i])
+            count += 1
+    mean = total / count
+    m2 = 0.0
+    for i in range(values.shape[0]):
+        if keep[i]:
+            d = np.float64(values[i]) - mean
+            m2 += d * d
+    return mean, m2
+
+
+@_reduction
+def _merge_row_masked(row, keep, n, mean, m2):
+    """:func:`_merge_row` over the values of ``row`` where ``keep`` (same length) is true; the
+    others are never read into a sum (a NaN there does not count)."""
+    cast = row.dtype.type
+    zero = cast(0.0)
+    for start in range(0, row.shape[0], ROW_BLOCK):
+        block = row[start : start + ROW_BLOCK]
+        kept = keep[start : start + ROW_BLOCK]
+        k = 0
+        total = zero
+        for i in range(block.shape[0]):
+            if kept[i]:
+                total += block[i]
+                k += 1
+        if k == 0:
+            continue
+        shift = total / cast(k)
+        s1 = zero
+        s2 = zero
+        for i in range(block.shape[0]):
+            d = block[i] - shift if kept[i] else zero
+            s1 += d
+            s2 += d * d
+        if math.isfinite(s2):
+            block_mean = np.float64(shift) + np.float64(s1) / k
+            block_m2 = np.float64(s2) - np.float64(s1) * np.float64(s1) / k
+        else:
+            block_mean, block_m2 = _moments64_masked(block, kept)
+        merged = n + k
+        delta = block_mean - mean
+        mean += delta * (k / merged)
+        m2 += block_m2 + delta * delta * (n * k / merged)
+        n = merged
+    return n, mean, m2
+
+
+@_jit
+def _part_bounds(total, parts, p):
+    return p * total // parts, (p + 1) * total // parts
+
+
+@_parallel
+def row_statistics(x, parts):
+    """Statistics of the rows layout ``(G, A, C, B)`` without a mask: group ``(g, c)`` is the
+    ``A·B`` values ``x[g, :, c, :]``, cut into ``parts`` consecutive ranges (one parallel task
+    each, so that few groups still use every thread). Returns float64 ``(G, C, parts, 3)``:
+    per range the count, the mean and the sum of squared deviations (merge them with
+    :func:`normkit.numpy_backend.compiled.merge_statistics`)."""
+    groups, rows, channels, inner = x.shape
+    total = rows * inner
+    result = np.zeros((groups, channels, parts, 3))
+    for task in numba.prange(groups * channels * parts):
+        p = task % parts
+        c = (task // parts) % channels
+        g = task // (parts * channels)
+        first, last = _part_bounds(total, parts, p)
+        n = 0.0
+        mu = 0.0
+        m2 = 0.0
+        i = first
+        while i < last:
+            r = i // inner
+            start = i - r * inner
+            stop = min(inner, start + (last - i))
+            n, mu, m2 = _merge_row(x[g, r, c, start:stop], n, mu, m2)
+            i += stop - start
+        result[g, c, p, 0] = n
+        result[g, c, p, 1] = mu
+        result[g, c, p, 2] = m2
+    return result
+
+
+@_parallel
+def row_statistics_masked(x, keep, parts):
+    """:func:`row_statistics` over the values where the boolean ``keep`` (``x``'s layout) is
+    true; a range with nothing kept is ``(0, 0, 0)``."""
+    groups, rows, channels, inner = x.shape
+    total = rows * inner
+    result = np.zeros((groups, channels, parts, 3))
+    for task in numba.prange(groups * channels * parts):
+        p = task % parts
+        c = (task // parts) % channels
+        g = task // (parts * channels)
+        first, last = _part_bounds(total, parts, p)
+        n = 0.0
+        mu = 0.0
+        m2 = 0.0
+        i = first
+        while i < last:
+            r = i // inner
+            start = i - r * inner
+            stop = min(inner, start + (last - i))
+            n, mu, m2 = _merge_row_masked(x[g, r, c, start:stop], keep[g, r, c, start:stop], n, mu, m2)
+            i += stop - start
+        result[g, c, p, 0] = n
+        result[g, c, p, 1] = mu
+        result[g, c, p, 2] = m2
+    return result
+
+
+@_reduction
+def _column_block_masked(block, keep, count, shift, s1, s2):
+    """:func:`_column_block` over the kept values of ``block``: per column the count of kept
+    rows into ``count`` (int64) and, where it is not 0, the provisional mean and the two-pass
+    sums of the kept values."""
+    cast = block.dtype.type
+    zero = cast(0.0)
+    rows, channels = block.shape
+    for c in range(channels):
+        shift[c] = zero
+        count[c] = 0
+    for r in range(rows):
+        row = block[r]
+        kept = keep[r]
+        for c in range(channels):
+            if kept[c]:
+                shift[c] += row[c]
+                count[c] += 1
+    for c in range(channels):
+        if count[c] > 0:
+            shift[c] /= cast(count[c])
+        s1[c] = zero
+        s2[c] = zero
+    for r in range(rows):
+        row = block[r]
+        kept = keep[r]
+        for c in range(channels):
+            d = row[c] - shift[c] if kept[c] else zero
+            s1[c] += d
+            s2[c] += d * d
+
+
+@_parallel
+def column_statistics_masked(x, keep, parts, block_rows):
+    """:func:`column_statistics` over the values where the boolean ``keep`` (``x``'s layout
+    ``(G, A, C)``) is true: float64 ``(G, parts, 3, C)`` with a count per column; a column of a
+    range with nothing kept is ``(0, 0, 0)``."""
+    groups, rows, channels = x.shape
+    result = np.zeros((groups, parts, 3, channels))
+    for task in numba.prange(groups * parts):
+        g = task // parts
+        p = task % parts
+        first, last = _part_bounds(rows, parts, p)
+        count = np.empty(channels, np.int64)
+        shift = np.empty(channels, x.dtype)
+        s1 = np.empty(channels, x.dtype)
+        s2 = np.empty(channels, x.dtype)
+        n = result[g, p, 0]
+        mean = result[g, p, 1]
+        m2 = result[g, p, 2]
+        for start in range(first, last, block_rows):
+            stop = min(start + block_rows, last)
+            block = x[g, start:stop]
+            kept = keep[g, start:stop]
+            _column_block_masked(block, kept, count, shift, s1, s2)
+            for c in range(channels):
+                k = count[c]
+                if k == 0:
+                    continue
+                d1 = np.float64(s1[c])
+                block_mean = np.float64(shift[c]) + d1 / k
+                block_m2 = np.float64(s2[c]) - d1 * d1 / k
+                if not math.isfinite(block_m2):
+                    block_mean, block_m2 = _moments64_masked(block[:, c], kept[:, c])
+                merged = n[c] + k
+                delta = block_mean - mean[c]
+                mean[c] += delta * (k / merged)
+                m2[c] += block_m2 + delta * delta * (n[c] * k / merged)
+                n[c] = merged
+    return result
+
+
+GROUP_INNER = 16
+"""Shortest run of one channel for which :func:`group_norm_rows` writes ``y`` channel by channel;
+shorter runs take per-value coefficient vectors (so that the output loop still vectorizes)."""
+
+
+@_parallel
+def group_norm_rows(x, weight, bias, eps, inner, y):
+    """Group norm in the rows layout ``(N, A, G, K)``: group ``(n, g)`` is the ``A`` contiguous
+    runs ``x[n, :, g]`` of ``K = (C/G)·inner`` values, ``inner`` consecutive values per channel
+    (channels-first ``(N, C, H, W)`` is ``A = 1``, ``inner = H·W``). One parallel task per group
+    computes its statistics (:func:`_merge_row`) and at once writes ``y = (x - s)·a_c + b_c``
+    with ``s`` the mean rounded to the compute dtype, ``a_c = γ_c/√(σ²+ε)`` (0 for a constant
+    group: ``y = β`` exactly) and ``b_c = β_c - (μ - s)·a_c``. ``weight``/``bias`` are float64
+    ``(C,)``; ``y`` may be ``x``."""
+    cast = x.dtype.type
+    samples, rows, groups, size = x.shape
+    per_group = size // inner
+    for task in numba.prange(samples * groups):
+        sample = task // groups
+        g = task % groups
+        n = 0.0
+        mu = 0.0
+        m2 = 0.0
+        for r in range(rows):
+            n, mu, m2 = _merge_row(x[sample, r, g], n, mu, m2)
+        sigma2 = max(m2 / n, 0.0)
+        inverse = 0.0 if sigma2 == 0.0 else 1.0 / math.sqrt(sigma2 + eps)
+        s = cast(mu)
+        offset = mu - np.float64(s)
+        first = g * per_group
+        if inner >= GROUP_INNER:
+            for r in range(rows):
+                src = x[sample, r, g]
+                dst = y[sample, r, g]
+                for ci in range(per_group):
+                    a = inverse * weight[first + ci]
+                    a_c = cast(a)
+                    b_c = cast(bias[first + ci] - offset * a)
+                    run = src[ci * inner : (ci + 1) * inner]
+                    out = dst[ci * inner : (ci + 1) * inner]
+                    for i in range(inner):
+                        out[i] = (run[i] - s) * a_c + b_c
+        else:
+            scale = np.empty(size, x.dtype)
+            shift = np.empty(size, x.dtype)
+            for ci in range(per_group):
+                a = inverse * weight[first + ci]
+                a_c = cast(a)
+                b_c = cast(bias[first + ci] - offset * a)
+                for i in range(ci * inner, (ci + 1) * inner):
+                    scale[i] = a_c
+                    shift[i] = b_c
+            for r in range(rows):
+                src = x[sample, r, g]
+                dst = y[sample, r, g]
+                for i in range(size):
+                    dst[i] = (src[i] - s) * scale[i] + shift[i]
+
+
+@_parallel
+def affine_grouped_rows(x, shift, scale, offset, y):
+    """``y = (x - shift[g, c]) * scale[g, c] + offset[g, c]`` on the rows layout ``(G, A, C, B)``
+    with per-sample, per-channel coefficients ``(G, C)`` in the compute dtype. ``y`` may be
+    ``x``."""
+    groups, rows, channels, _ = x.shape
+    for task in numba.prange(groups * rows * channels):
+        c = task % channels
+        r = (task // channels) % rows
+        g = task // (channels * rows)
+        src = x[g, r, c]
+        dst = y[g, r, c]
+        s = shift[g, c]
+        a = scale[g, c]
+        b = offset[g, c]
+        for i in range(src.shape[0]):
+            dst[i] = (src[i] - s) * a + b
+
+
+@_reduction
+def _sum_squares64(row):
+    """``Σ x²`` of the 1-D ``row`` accumulated in float64 (each square formed in float64, so
+    float32 input can neither overflow nor underflow)."""
+    total = 0.0
+    for i in range(row.shape[0]):
+        v = np.float64(row[i])
+        total += v * v
+    return total
+
+
+@_parallel
+def rms_norm_rows(x, scale, eps, y):
+    """RMS norm over each row of the ``(R, K)`` matrix ``x``: ``y = (x·r)·scale`` with
+    ``r = 1/√(Σx²/K + ε)`` (the sum in float64, ``r`` rounded once to the compute dtype) and the
+    element-wise ``scale = w + o`` ``(K,)`` in the compute dtype (ones for no weight: the product
+    is then exact). ``y`` may be ``x``."""
+    cast = x.dtype.type
+    rows, size = x.shape
+    for r in numba.prange(rows):
+        src = x[r]
+        dst = y[r]
+        inverse = cast(1.0 / math.sqrt(_sum_squares64(src) / size + eps))
+        for i in range(size):
+            dst[i] = (src[i] * inverse) * scale[i]

@@ -1,0 +1,70 @@
+r"""Batch norm with a mask, composed from the primitives (``moments`` with the mask, then
+``normalize``), with a running update per channel that follows each channel's own count.
+
+For channel :math:`c` with :math:`n_c` unmasked values, mean :math:`\mu_c` and :math:`M_{2,c}`:
+:math:`y = \gamma_c (x - \mu_c)/\sqrt{M_{2,c}/n_c + \epsilon} + \beta_c` at every position, and
+
+.. math::
+
+   \hat\mu_c \leftarrow \hat\mu_c + m\,[n_c > 0]\,(\mu_c - \hat\mu_c), \qquad
+   \hat\sigma^2_c \leftarrow \hat\sigma^2_c + m\,[n_c > k]\,(v_c - \hat\sigma^2_c),
+
+with :math:`v_c = M_{2,c}/(n_c - 1)`, :math:`k = 1` (unbiased) or :math:`v_c = M_{2,c}/n_c`,
+:math:`k = 0` (biased). A channel with nothing unmasked normalizes with mean 0 and variance 0
+(:math:`y = \gamma x/\sqrt\epsilon + \beta`; no statistic describes it) and keeps its running
+statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from normkit._registry import Backend
+from normkit.functional.statistics import _cast
+
+__all__ = ["masked_batch_norm"]
+
+Array = Any
+
+
+def masked_batch_norm(
+    be: Backend,
+    x: Array,
+    mask: Array,
+    axis: int,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array | None,
+    running_var: Array | None,
+    momentum: float,
+    eps: float,
+    unbiased: bool,
+    out: Array | None,
+) -> tuple[Array, Array | None, Array | None]:
+    """Training-mode batch norm over the unmasked values (see the module docstring)."""
+    info = be.info
+    ndim = len(info.shape(x))
+    reduced = tuple(a for a in range(ndim) if a != axis)
+    count, mean, m2 = be.moments(x, reduced, mask, None, None)
+    wide = info.dtype_name(mean)
+    n = _cast(info, count, wide)
+    empty = _cast(info, count == 0, wide)
+    var = m2 / (n + empty)  # 0 / 1 for an empty channel
+    if out is not None:
+        y = be.normalize(x, mean, var, weight, bias, eps, reduced, (axis,), out=out)
+    else:
+        y = be.normalize(x, mean, var, weight, bias, eps, reduced, (axis,))
+    if running_mean is None or running_var is None:
+        return y, None, None
+    dtype = info.dtype_name(running_mean)
+    if unbiased:
+        few = _cast(info, count < 2, wide)
+        stored = m2 / (n - 1.0 + 2.0 * few)  # 0 / (1 or 2) where fewer than two values count
+        var_weight = _cast(info, count > 1, dtype) * momentum
+    else:
+        stored = var
+        var_weight = _cast(info, count > 0, dtype) * momentum
+    mean_weight = _cast(info, count > 0, dtype) * momentum
+    new_mean = running_mean + (_cast(info, mean, dtype) - running_mean) * mean_weight
+    new_var = running_var + (_cast(info, stored, dtype) - running_var) * var_weight
+    return y, new_mean, new_var
