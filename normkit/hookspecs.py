@@ -421,7 +421,11 @@ def normkit_normalize(
     axes: tuple[int, ...],
     param_axes: tuple[int, ...],
 ) -> Array:
-    r"""Apply given statistics: :math:`y = (x - \mu)/\sqrt{\sigma^2 + \epsilon}\,\gamma + \beta`.
+    r"""Apply given statistics:
+
+    .. math::
+
+       y = \gamma\,\frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta .
 
     The statistics are constant along ``axes`` (the reduced axes) and vary along the others:
     ``mean`` and ``var`` have the shape of the kept axes, in order, where one kept axis may

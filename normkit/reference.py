@@ -276,11 +276,12 @@ def rms_norm(
     weight_offset: float = 0.0,
 ) -> np.ndarray:
     r"""RMS norm over ``axes``: :math:`y = x / \sqrt{\frac1n\sum x^2 + \epsilon}\,(w + o)`,
-    with element-wise ``weight`` :math:`w` over the normalized axes (none: 1) and
-    ``weight_offset`` :math:`o` (Gemma's :math:`1 + w` is :math:`o = 1`); no mean is subtracted."""
+    with element-wise ``weight`` :math:`w` over the normalized axes and ``weight_offset``
+    :math:`o` (Gemma's :math:`1 + w` is :math:`o = 1`); without a weight the factor is 1 (the
+    offset too is ignored). No mean is subtracted."""
     rows, moved_shape, order = _axes_rows(np.asarray(x, dtype=np.float64), axes)
     mean_square = (rows**2).sum(axis=1) / rows.shape[1]
     z = _divide(rows, np.sqrt(mean_square[:, None] + eps))
-    w = np.ones(rows.shape[1]) if weight is None else np.asarray(weight, dtype=np.float64).reshape(-1)
-    z = z * (w + weight_offset)[None, :]
+    if weight is not None:  # without a weight there is nothing to offset (the spec's rule)
+        z = z * (np.asarray(weight, dtype=np.float64).reshape(-1) + weight_offset)[None, :]
     return _axes_unrows(z, moved_shape, order)

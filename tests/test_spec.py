@@ -10,7 +10,7 @@ import pytest
 from normkit import hookspecs
 from normkit.testing.cases import CASES
 
-OPS = ("normkit_batch_norm", "normkit_instance_norm", "normkit_layer_norm")
+OPS = tuple(f"normkit_{op}" for op in (*hookspecs.COMPOSITES, *hookspecs.PRIMITIVES))
 CASE_IDS = {case.id for case in CASES}
 
 
@@ -30,7 +30,11 @@ def test_each_op_is_a_firstresult_hookspec_with_a_complete_docstring(name: str) 
 
 
 def test_every_case_the_spec_names_exists() -> None:
-    named = set(re.findall(r"``((?:bn|ln|in)-[a-z0-9-]+\*?)``", hookspecs.__doc__ or ""))
+    named = set(
+        re.findall(
+            r"``((?:bn|ln|in|gn|rms|moments|normalize|merge)-[a-z0-9-]+\*?)``", hookspecs.__doc__ or ""
+        )
+    )
     assert len(named) >= 15
     for name in named:
         if name.endswith("*"):
@@ -76,4 +80,6 @@ def test_required_case_is_present_by_id(rule: str) -> None:
 def test_cases_have_stable_unique_ids_and_a_purpose() -> None:
     assert len(CASE_IDS) == len(CASES)
     for case in CASES:
-        assert re.fullmatch(r"(bn|in|ln)-[a-z0-9-]+", case.id) and case.purpose, case.id
+        assert (
+            re.fullmatch(r"(bn|in|ln|gn|rms|moments|normalize|merge)-[a-z0-9-]+", case.id) and case.purpose
+        ), case.id

@@ -71,9 +71,29 @@ class Case:
             x[tuple(index)] = self.loc + 0.1 * self.scale
         return x.astype(numpy_dtype(self.dtype))
 
+    def mask(self) -> np.ndarray | None:
+        """The boolean mask of a ``moments`` case (``options["mask"]``): ``"unequal"`` keeps a
+        share of each channel rising from 20 % to 90 %, ``"broadcast"`` is a random mask with size
+        1 on the channel axis, ``"none"`` keeps nothing; ``None`` without the option."""
+        kind = self.options.get("mask")
+        if kind is None:
+            return None
+        rng = np.random.default_rng([self.seed, 2_000_000])
+        axis = self.channel_axis
+        if kind == "none":
+            return np.zeros(self.shape, dtype=bool)
+        if kind == "broadcast":
+            shape = list(self.shape)
+            shape[axis] = 1
+            return rng.random(shape) < 0.6
+        share = np.linspace(0.2, 0.9, self.shape[axis]).reshape(
+            [self.shape[axis] if a == axis else 1 for a in range(len(self.shape))]
+        )
+        return rng.random(self.shape) < share
+
     def param_shape(self) -> tuple[int, ...]:
         """Shape of weight and bias."""
-        if self.op != "layer_norm":
+        if self.op not in ("layer_norm", "rms_norm"):
             return (self.shape[self.channel_axis],)
         normalized = self.options.get("normalized_shape")
         if normalized is not None:
@@ -108,6 +128,15 @@ def _per_dtype(prefix: str, op: str, shape: tuple[int, ...], **fields: Any) -> l
 _BN = "batch_norm"
 _IN = "instance_norm"
 _LN = "layer_norm"
+_GN = "group_norm"
+_RMS = "rms_norm"
+_MOMENTS = "moments"
+_NORMALIZE = "normalize"
+_MERGE = "merge_moments"
+
+LAYER_OPS = (_BN, _IN, _LN, _GN, _RMS)
+"""Operations whose cases play a layer through its steps; the others call one function once."""
+PRIMITIVE_OPS = (_MOMENTS, _NORMALIZE, _MERGE)
 
 CASES: tuple[Case, ...] = tuple(
     [
@@ -339,6 +368,194 @@ CASES: tuple[Case, ...] = tuple(
             (4, 10),
             options={"affine": False},
             purpose="layer norm without weight and bias",
+        ),
+        *_per_dtype(
+            "gn-basic",
+            _GN,
+            (4, 6, 5, 5),
+            options={"num_groups": 3},
+            purpose="group norm, 3 groups of 2 channels",
+        ),
+        _case(
+            "gn-offset-1e4-channels-first",
+            _GN,
+            (4, 8, 6, 6),
+            loc=1e4,
+            options={"num_groups": 4},
+            purpose="|mean|/std = 1e4 in float32, channels-first: catches E[x^2]-E[x]^2",
+        ),
+        _case(
+            "gn-offset-1e4-channels-last",
+            _GN,
+            (4, 6, 6, 8),
+            loc=1e4,
+            options={"num_groups": 4, "axis": -1},
+            purpose="|mean|/std = 1e4 in float32, channels-last (torch's CPU kernel is one-pass there)",
+        ),
+        _case(
+            "gn-float16-large-values",
+            _GN,
+            (4, 8, 6, 6),
+            dtype="float16",
+            loc=1000.0,
+            scale=100.0,
+            options={"num_groups": 2},
+            purpose="float16 values >= 256: statistics must accumulate in float32",
+        ),
+        _case(
+            "gn-constant-group",
+            _GN,
+            (4, 6, 5, 5),
+            constant_channel=2,
+            options={"num_groups": 6},
+            purpose="a constant group (one channel per group) normalizes to beta",
+        ),
+        _case(
+            "gn-one-group",
+            _GN,
+            (4, 6, 5, 5),
+            options={"num_groups": 1},
+            purpose="one group: layer norm over (C, H, W) with a per-channel affine",
+        ),
+        _case(
+            "gn-groups-equal-channels",
+            _GN,
+            (4, 6, 5, 5),
+            options={"num_groups": 6},
+            purpose="C groups: instance norm",
+        ),
+        _case(
+            "gn-keras-preset",
+            _GN,
+            (4, 5, 5, 6),
+            options={"num_groups": 3, "preset": "keras"},
+            purpose="keras: channels-last, eps 1e-3",
+        ),
+        _case(
+            "gn-noncontiguous",
+            _GN,
+            (4, 6, 5, 6),
+            noncontiguous=True,
+            options={"num_groups": 2},
+            purpose="a strided group norm input",
+        ),
+        *_per_dtype(
+            "rms-basic",
+            _RMS,
+            (4, 5, 16),
+            options={"normalized_shape": 16},
+            purpose="RMS norm over the last axis",
+        ),
+        *[
+            _case(
+                f"rms-cast-{order.split('_')[0]}-{SHORT_DTYPE[dtype]}",
+                _RMS,
+                (8, 64),
+                dtype=dtype,
+                scale=3.0,
+                options={"normalized_shape": 64, "cast": order},
+                purpose=f"{dtype} input rounded {order.replace('_', ' ')} (the two orders differ by an ulp)",
+            )
+            for order in ("after_weight", "before_weight")
+            for dtype in ("float16", "bfloat16")
+        ],
+        _case(
+            "rms-gemma-offset",
+            _RMS,
+            (4, 32),
+            options={"normalized_shape": 32, "preset": "gemma"},
+            purpose="gemma: the weight enters as 1 + w, eps 1e-6",
+        ),
+        _case(
+            "rms-keras-axes",
+            _RMS,
+            (4, 6, 8),
+            options={"axis": (1, 2), "preset": "keras"},
+            purpose="keras: over a set of axes, eps 1e-6",
+        ),
+        _case("rms-offset-1e4", _RMS, (8, 256), loc=1e4, purpose="large values: the mean square in float32"),
+        _case(
+            "rms-no-weight",
+            _RMS,
+            (4, 10),
+            options={"normalized_shape": 10, "elementwise_affine": False},
+            purpose="RMS norm without a weight",
+        ),
+        _case("rms-noncontiguous", _RMS, (4, 5, 6), noncontiguous=True, purpose="strided RMS norm input"),
+        *_per_dtype("moments-basic", _MOMENTS, (8, 3, 5), purpose="per-channel (count, mean, m2)"),
+        _case(
+            "moments-offset-1e4",
+            _MOMENTS,
+            (16, 4, 8, 8),
+            loc=1e4,
+            purpose="|mean|/std = 1e4 in float32: M2 two-pass",
+        ),
+        _case("moments-channels-last", _MOMENTS, (8, 5, 4, 3), options={"axis": -1}, purpose="channels-last"),
+        _case(
+            "moments-layer-axes", _MOMENTS, (4, 6, 8), options={"axes": (1, 2)}, purpose="over a set of axes"
+        ),
+        _case(
+            "moments-mask-unequal-counts",
+            _MOMENTS,
+            (16, 4, 6),
+            loc=5.0,
+            options={"mask": "unequal"},
+            purpose="a mask that keeps a different share of each channel",
+        ),
+        _case(
+            "moments-mask-broadcast",
+            _MOMENTS,
+            (8, 5, 3),
+            options={"mask": "broadcast", "axis": -1},
+            purpose="a (N, T, 1) mask over (N, T, C) data (Keras's sequence mask)",
+        ),
+        _case(
+            "moments-fully-masked",
+            _MOMENTS,
+            (8, 3, 5),
+            options={"mask": "none"},
+            purpose="nothing counts: (0, 0, 0), the identity of the merge",
+        ),
+        _case(
+            "moments-float16-large-values",
+            _MOMENTS,
+            (16, 3, 6, 6),
+            dtype="float16",
+            loc=1000.0,
+            scale=100.0,
+            purpose="float16 values >= 256 accumulate in float32",
+        ),
+        *_per_dtype("normalize-basic", _NORMALIZE, (8, 3, 5), purpose="normalize with given statistics"),
+        _case(
+            "normalize-channels-last",
+            _NORMALIZE,
+            (8, 4, 5),
+            loc=1e3,
+            options={"axis": -1},
+            purpose="given statistics, channels-last, offset 1e3",
+        ),
+        *[
+            _case(
+                f"merge-unequal-splits-{index}",
+                _MERGE,
+                (64, 4),
+                loc=1e4,
+                options={"parts": parts},
+                purpose="Chan's merge of unequal parts (empty and single-element ones included) equals "
+                "the moments of the whole at |mean|/std = 1e4 in float32",
+            )
+            for index, parts in enumerate(
+                ((64,), (1, 0, 63), (5, 0, 1, 20, 0, 38), (3, 3, 3, 3, 3, 3, 3, 43))
+            )
+        ],
+        _case(
+            "merge-unequal-splits-f16",
+            _MERGE,
+            (40, 3),
+            dtype="float16",
+            loc=100.0,
+            options={"parts": (7, 0, 1, 32)},
+            purpose="merged float16 parts",
         ),
     ]
 )

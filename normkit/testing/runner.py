@@ -17,6 +17,7 @@ import normkit
 from normkit import presets, reference
 from normkit._registry import load_backend
 from normkit.hookspecs import BackendInfo
+from normkit.numpy_backend import numpy_dtype
 from normkit.testing.cases import Case
 from normkit.testing.tolerances import (
     CENTERING_FACTOR,
@@ -32,7 +33,11 @@ LAYERS = {
     "batch_norm": normkit.BatchNorm,
     "instance_norm": normkit.InstanceNorm,
     "layer_norm": normkit.LayerNorm,
+    "group_norm": normkit.GroupNorm,
+    "rms_norm": normkit.RMSNorm,
 }
+STATELESS = ("layer_norm", "group_norm", "rms_norm")
+"""Layers without running state: identical in training and eval."""
 
 
 @dataclass
@@ -69,6 +74,12 @@ class CaseResult:
         """A snippet that replays the case (for any case, random ones included) and the calls
         it makes."""
         case = self.case
+        if case.op not in LAYERS:
+            return (
+                f"case {case.id!r} (seed {case.seed}) on backend {self.backend!r}, device {self.device!r}\n"
+                f"  replay:  from normkit.testing import get_case, run_case\n"
+                f"           print(run_case(get_case({case.id!r}), backend={self.backend!r}, device={self.device!r}).report())"
+            )
         x = f"np.random.default_rng([{case.seed}, step]).normal({case.loc}, {case.scale}, size={case.input(0).shape}).astype({case.dtype!r})"
         if case.noncontiguous:
             x += "[..., ::2]"
@@ -110,6 +121,27 @@ def _options(case: Case) -> dict[str, Any]:
     """The case's layer options with every preset default filled in (from the preset table)."""
     o = dict(case.options)
     p = presets.get_preset(o.get("preset", "torch"))
+    if case.op == "group_norm":
+        return {
+            "eps": o.get("eps", p.group_norm_eps),
+            "axis": case.channel_axis,
+            "groups": o["num_groups"],
+            "affine": o.get("affine", True),
+        }
+    if case.op == "rms_norm":
+        ndim = len(case.shape)
+        axes = tuple(range(ndim - len(case.param_shape()), ndim))
+        if o.get("axis") is not None:
+            raw = (o["axis"],) if isinstance(o["axis"], int) else o["axis"]
+            axes = tuple(sorted(a % ndim for a in raw))
+        eps = o.get("eps", p.rms_norm_eps)
+        return {
+            "eps": presets.machine_eps(case.dtype) if eps is None else eps,
+            "axes": axes,
+            "affine": o.get("elementwise_affine", True),
+            "offset": o.get("weight_offset", p.rms_weight_offset),
+            "before": o.get("cast", p.rms_cast) == "before_weight",
+        }
     if case.op == "layer_norm":
         eps = o.get("eps", p.layer_norm_eps)
         axes = tuple(range(len(case.shape) - len(case.param_shape()), len(case.shape)))
@@ -131,13 +163,41 @@ def _options(case: Case) -> dict[str, Any]:
     }
 
 
+def _rounds_before_weight(case: Case, o: dict[str, Any], weight: np.ndarray | None) -> bool:
+    return o["before"] and weight is not None and case.dtype in ("float16", "bfloat16")
+
+
+def _rms_reference(
+    case: Case, o: dict[str, Any], x: np.ndarray, weight: np.ndarray | None, *, model_rounding: bool
+) -> np.ndarray:
+    """RMS norm in float64; for ``cast="before_weight"`` on half-precision input (and
+    ``model_rounding``) the normalized value is rounded to the input dtype before the weight, as
+    the spec names it: a rounding that is part of the result, not an error."""
+    if not (model_rounding and _rounds_before_weight(case, o, weight)):
+        return reference.rms_norm(x, weight, axes=o["axes"], eps=o["eps"], weight_offset=o["offset"])
+    unit = reference.rms_norm(x, None, axes=o["axes"], eps=o["eps"])
+    rounded = unit.astype(numpy_dtype(case.dtype)).astype(np.float64)
+    shape = [x.shape[a] if a in o["axes"] else 1 for a in range(x.ndim)]
+    return rounded * (np.asarray(weight, np.float64).reshape(shape) + o["offset"])
+
+
 def _reference_step(
-    case: Case, o: dict[str, Any], state: _ReferenceState, x: np.ndarray, training: bool
+    case: Case,
+    o: dict[str, Any],
+    state: _ReferenceState,
+    x: np.ndarray,
+    training: bool,
+    *,
+    model_rounding: bool = True,
 ) -> np.ndarray:
     w = state.arrays.get("weight")
     b = state.arrays.get("bias")
     if case.op == "layer_norm":
         return reference.layer_norm(x, w, b, axes=o["axes"], eps=o["eps"])
+    if case.op == "group_norm":
+        return reference.group_norm(x, o["groups"], w, b, eps=o["eps"], axis=o["axis"])
+    if case.op == "rms_norm":
+        return _rms_reference(case, o, x, w, model_rounding=model_rounding)
     if x.size == 0:
         return np.zeros(x.shape)
     update = training and o["track"]
@@ -178,9 +238,19 @@ def _centering_gain(
     adds :data:`~normkit.testing.tolerances.CENTERING_FACTOR` times :math:`\epsilon_c` times this
     gain. :math:`E[x^2]-E[x]^2` loses :math:`\epsilon_c\,\mu^2/\sigma^2`, far more, and still fails.
     """
-    if x.size == 0:
-        return 0.0
+    if x.size == 0 or case.op == "rms_norm":
+        return 0.0  # RMS norm subtracts no mean
     shape = [1] * x.ndim
+    if case.op == "group_norm":
+        axis, groups = o["axis"], o["groups"]
+        moved = np.moveaxis(x, axis, 1)
+        blocks = moved.reshape(moved.shape[0], groups, -1)
+        mean = np.repeat(np.abs(blocks.mean(axis=2)), moved.shape[1] // groups, axis=1)
+        var = np.repeat(blocks.var(axis=2), moved.shape[1] // groups, axis=1)
+        weight = state.arrays.get("weight")
+        gamma = 1.0 if weight is None else np.abs(weight)[None, :]
+        gain = (mean * gamma / np.sqrt(var + o["eps"])).reshape(moved.shape[:2] + (1,) * (x.ndim - 2))
+        return np.moveaxis(np.broadcast_to(gain, moved.shape), 1, axis)
     if case.op == "layer_norm":
         axes = o["axes"]
         for a in axes:
@@ -202,6 +272,10 @@ def _centering_gain(
 
 
 def _expected_keys(case: Case, o: dict[str, Any]) -> list[str]:
+    if case.op == "group_norm":
+        return ["weight", "bias"] if o["affine"] else []
+    if case.op == "rms_norm":
+        return ["weight"] if o["affine"] else []
     if case.op == "layer_norm":
         return (["weight"] if o["affine"] else []) + (["bias"] if o["bias"] else [])
     return (["weight", "bias"] if o["affine"] else []) + (
@@ -250,7 +324,20 @@ def run_case(
         result.skipped = f"backend {backend!r} has no device {device!r}"
         return result
     try:
-        _play(case, info, backend, device, result)
+        if case.op in LAYERS:
+            _play(case, info, backend, device, result)
+        else:
+            from normkit.testing.primitives import play_primitive
+
+            play_primitive(case, info, backend, device, result)
+    except NotImplementedError as error:
+        if not str(error).startswith(f"backend {info.name!r} does not implement"):
+            if raise_errors:
+                _add_note(error, result.repro())
+                raise
+            result.failures.append(f"raised {type(error).__name__}: {error}")
+        else:  # a backend without this op (a spec-1 backend and a new op): not a failure
+            result.skipped = str(error)
     except Exception as error:
         if raise_errors:
             _add_note(error, result.repro())
@@ -269,7 +356,7 @@ def _play(case: Case, info: BackendInfo, backend: str, device: str | None, resul
     layer = LAYERS[case.op](**case.options, backend=backend)
     initial = case.initial_state()
     keys = _expected_keys(case, o)
-    tracks = case.op != "layer_norm" and o["track"]
+    tracks = case.op not in STATELESS and o["track"]
     if keys:
         state_dict: dict[str, Any] = {k: info.asarray(initial[k], case.state_dtype, device) for k in keys}
         if tracks:
@@ -307,20 +394,32 @@ def _play(case: Case, info: BackendInfo, backend: str, device: str | None, resul
             result.failures.append(f"{where}: output shape {tuple(info.shape(y))}, expected {x_np.shape}")
         if not training and (keys or tracks) and not _same(state_before, _snapshot(info, layer)):
             result.failures.append(f"{where}: eval changed the layer's state")
-        if case.op == "layer_norm":
+        if case.op in STATELESS:
             other = info.to_numpy(layer.train(not training)(x))
             if not np.array_equal(other, info.to_numpy(y), equal_nan=True):
-                result.failures.append(f"{where}: layer norm differs between training and eval")
+                result.failures.append(f"{where}: {case.op} differs between training and eval")
 
         x64 = _as64(x_np)
         magnitude = max(magnitude, float(np.abs(x64).max()) if x64.size else 0.0)
         u = np.random.default_rng([case.seed, step, 7]).uniform(-1.0, 1.0, size=x64.shape)
         y_ref = _reference_step(case, o, clean, x64, training)
-        y_pert = _reference_step(case, o, perturbed, x64 * (1.0 + eps_c * u), training)
-        conditioning = float(np.abs(y_ref - y_pert).max()) if y_ref.size else 0.0
+        y_pert = _reference_step(case, o, perturbed, x64 * (1.0 + eps_c * u), training, model_rounding=False)
+        y_exact = (
+            _reference_step(case, o, clean, x64, training, model_rounding=False)
+            if case.op == "rms_norm"
+            else y_ref
+        )
+        conditioning = float(np.abs(y_exact - y_pert).max()) if y_ref.size else 0.0
         bound = tolerance.bound(y_ref, conditioning) + CENTERING_FACTOR * eps_c * _centering_gain(
             case, o, clean, x64, training
         )
+        if case.op == "rms_norm" and _rounds_before_weight(case, o, clean.arrays.get("weight")):
+            # the compute-dtype normalized value may round to the neighbour of the exact one's
+            # rounding: one unit in the last place of the input dtype, times the weight
+            unit = np.abs(_rms_reference(case, o, x64, None, model_rounding=False))
+            shape = [x64.shape[a] if a in o["axes"] else 1 for a in range(x64.ndim)]
+            w = np.abs(clean.arrays["weight"].reshape(shape) + o["offset"])
+            bound = bound + EPS[case.dtype] * unit * w
         _compare(result, where, _as64(info.to_numpy(y)), y_ref, bound, record=True)
 
     if tracks:

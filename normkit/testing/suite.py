@@ -20,6 +20,7 @@ from the backend's :class:`~normkit.hookspecs.BackendInfo`.
 from __future__ import annotations
 
 import inspect
+import itertools
 from typing import Any, ClassVar
 
 import numpy as np
@@ -34,7 +35,7 @@ from normkit.numpy_backend import numpy_dtype
 from normkit.testing import strategies
 from normkit.testing.cases import CASES, Case
 from normkit.testing.runner import run_case
-from normkit.testing.tolerances import output_tolerance
+from normkit.testing.tolerances import EPS, compute_dtype, output_tolerance, reduction_growth
 
 __all__ = ["ConformanceTests"]
 
@@ -60,6 +61,14 @@ class ConformanceTests:
     def _asarray(self, array: np.ndarray, dtype: str, config: pytest.Config) -> Any:
         return load_backend(self.backend).asarray(array, dtype, self._device(config))
 
+    def _require(self, config: pytest.Config, *ops: str) -> None:
+        """Skip unless the backend serves ``ops`` (a spec-1 backend lacks the spec-2 ones)."""
+        info = load_backend(self.backend)
+        backend = backend_named(self.backend, self._asarray(np.zeros(2), info.dtypes[-1], config))
+        for op in ops:
+            if getattr(backend, op).__name__ == f"missing_{op}":
+                pytest.skip(f"backend {self.backend!r} does not implement {op}")
+
     @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
     def test_case(self, case: Case, pytestconfig: pytest.Config) -> None:
         result = run_case(case, self.backend, self._device(pytestconfig), raise_errors=True)
@@ -82,7 +91,7 @@ class ConformanceTests:
     @pytest.mark.parametrize(
         ("op", "training"),
         [("batch_norm", True), ("batch_norm", False), ("instance_norm", True), ("instance_norm", False),
-         ("layer_norm", True)],
+         ("layer_norm", True), ("group_norm", True), ("rms_norm", True)],
     )  # fmt: skip
     @pytest.mark.parametrize("in_place", [False, True], ids=["out", "out-is-x"])
     def test_out_receives_exactly_y(
@@ -100,11 +109,16 @@ class ConformanceTests:
             x = extra.pop("x") if "x" in extra else self._asarray(x_np, dtype, pytestconfig)
             if op == "layer_norm":
                 return (normkit.layer_norm(x, (5, 6), backend=self.backend, **extra),)
+            if op == "group_norm":
+                return (normkit.group_norm(x, 3, backend=self.backend, **extra),)
+            if op == "rms_norm":
+                return (normkit.rms_norm(x, normalized_shape=(5, 6), backend=self.backend, **extra),)
             stats = [self._asarray(np.full(3, v), "float32", pytestconfig) for v in (0.5, 2.0)]
             function = normkit.batch_norm if op == "batch_norm" else normkit.instance_norm
             flag = {"training": training} if op == "batch_norm" else {"use_input_stats": training}
             return tuple(function(x, *stats, backend=self.backend, **flag, **extra))
 
+        self._require(pytestconfig, op)
         sample = self._asarray(x_np, dtype, pytestconfig)
         kernel = getattr(backend_named(self.backend, sample), op)
         if not takes_out(kernel):
@@ -227,3 +241,100 @@ class ConformanceTests:
             assert np.all(np.abs(alone - whole[-1:]) <= output_tolerance(dtype).bound(whole[-1:], 0.0))
 
         check()
+
+    def test_merge_of_random_splits_equals_the_whole(self, pytestconfig: pytest.Config) -> None:
+        """For random splits of a batch into 1-8 parts of unequal sizes (some empty, some of one
+        value), ``merge_moments`` of the parts' moments equals the moments of the whole, at
+        |mean|/std = 1e4 in float32, within the bounds of
+        :func:`normkit.testing.primitives.moments_bounds` carried through the merge."""
+        from normkit.testing.primitives import _merge_bounds
+
+        self._require(pytestconfig, "moments")
+        info = load_backend(self.backend)
+        dtype = "float32" if "float32" in info.dtypes else info.dtypes[-1]
+
+        @_settings(pytestconfig)
+        @given(
+            cuts=st.lists(st.integers(0, 48), min_size=0, max_size=7),
+            seed=st.integers(0, 2**16),
+        )
+        def check(cuts: list[int], seed: int) -> None:
+            edges = [0, *sorted(cuts), 48]
+            sizes = tuple(b - a for a, b in itertools.pairwise(edges))
+            x_np = np.random.default_rng(seed).normal(1e4, 1.0, size=(48, 3)).astype(numpy_dtype(dtype))
+            x = self._asarray(x_np, dtype, pytestconfig)
+            parts, start = [], 0
+            for size in sizes:
+                parts.append(normkit.moments(x[start : start + size], axis=1, backend=self.backend))
+                start += size
+            merged = normkit.merge_moments(*parts)
+            count, mean, m2, e_mean, e_m2 = _merge_bounds(x_np.astype(np.float64), sizes, 1, dtype)
+            np.testing.assert_array_equal(info.to_numpy(merged.count), count)
+            for name, got, ref, bound in (("mean", merged.mean, mean, e_mean), ("m2", merged.m2, m2, e_m2)):
+                error = np.abs(np.asarray(info.to_numpy(got), np.float64) - ref)
+                assert np.all(error <= bound), (
+                    f"merged {name} of parts {sizes}: error {error} > bound {bound}"
+                )
+
+        check()
+
+    @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+    def test_rms_cast_order_is_the_named_one(self, dtype: str, pytestconfig: pytest.Config) -> None:
+        r"""Each cast order reproduces its own rounding exactly, except where the compute dtype's
+        normalized value lies within its own error of a rounding boundary of the input dtype:
+        a share of at most :math:`2\,(r(n) + 4)\,\epsilon_c/\epsilon` of the elements (the
+        relative error of the float32 value over the spacing of the input dtype). The two
+        orders differ on about a quarter of float16 elements (one ulp), so the test tells them
+        apart."""
+        self._require(pytestconfig, "rms_norm")
+        info = load_backend(self.backend)
+        if dtype not in info.dtypes:
+            pytest.skip(f"backend {self.backend!r} does not support {dtype}")
+        n = 256
+        rng = np.random.default_rng(11)
+        x_np = rng.normal(0.0, 3.0, size=(32, n)).astype(numpy_dtype(dtype))
+        w_np = rng.uniform(0.0, 2.0, size=n).astype(numpy_dtype(dtype))
+        x, w = self._asarray(x_np, dtype, pytestconfig), self._asarray(w_np, dtype, pytestconfig)
+        x64, w64 = x_np.astype(np.float64), w_np.astype(np.float64)
+        unit = x64 / np.sqrt(np.mean(x64**2, axis=1, keepdims=True) + EPS["float32"])
+        expected = {
+            "after_weight": (unit * w64).astype(numpy_dtype(dtype)),
+            "before_weight": (unit.astype(numpy_dtype(dtype)).astype(np.float64) * w64).astype(
+                numpy_dtype(dtype)
+            ),
+        }
+        differing = np.mean(expected["after_weight"] != expected["before_weight"])
+        allowed = 2 * (reduction_growth(n) + 4) * EPS[compute_dtype(dtype)] / EPS[dtype]
+        assert differing > 4 * allowed, "the data do not tell the two cast orders apart"
+        for cast, exact in expected.items():
+            y = normkit.rms_norm(x, w, normalized_shape=n, cast=cast, backend=self.backend)
+            mismatched = np.mean(np.asarray(info.to_numpy(y)) != exact)
+            assert mismatched <= allowed, (
+                f"cast={cast!r}: {mismatched:.2%} of {dtype} outputs differ from that order's rounding "
+                f"(allowed {allowed:.2%}; the orders differ on {differing:.2%})"
+            )
+
+    @pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
+    def test_group_norm_extremes_are_layer_and_instance_norm(
+        self, layout: str, pytestconfig: pytest.Config
+    ) -> None:
+        """One group is layer norm over every axis but the batch axis; C groups are instance
+        norm (both without affine), on this backend's own kernels."""
+        self._require(pytestconfig, "group_norm")
+        info = load_backend(self.backend)
+        dtype = "float32" if "float32" in info.dtypes else info.dtypes[-1]
+        axis = 1 if layout == "channels-first" else -1
+        shape = (3, 4, 5, 6) if axis == 1 else (3, 5, 6, 4)
+        x_np = np.random.default_rng(5).normal(2.0, 3.0, size=shape).astype(numpy_dtype(dtype))
+        x = self._asarray(x_np, dtype, pytestconfig)
+        bound = output_tolerance(dtype).pairwise().bound(np.abs(x_np.astype(np.float64)) / 3.0, 0.0)
+        one = info.to_numpy(normkit.group_norm(x, 1, axis=axis, backend=self.backend)).astype(np.float64)
+        layer = info.to_numpy(normkit.layer_norm(x, shape[1:], backend=self.backend)).astype(np.float64)
+        assert np.all(np.abs(one - layer) <= bound), "group_norm with one group differs from layer_norm"
+        every = info.to_numpy(normkit.group_norm(x, 4, axis=axis, backend=self.backend)).astype(np.float64)
+        instance = info.to_numpy(normkit.instance_norm(x, axis=axis, backend=self.backend).y).astype(
+            np.float64
+        )
+        assert np.all(np.abs(every - instance) <= bound), (
+            "group_norm with C groups differs from instance_norm"
+        )
