@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from normkit import reference
-from normkit.testing.tolerances import output_tolerance, statistics_tolerance
+from normkit.testing.tolerances import assert_within, output_tolerance, statistics_tolerance
 from normkit_cupy import kernels
 
 
@@ -89,8 +89,10 @@ def test_large_offsets_constant_channels_and_single_values() -> None:
         axis=1,
         unbiased_running_var=False,
     )
-    # the shifted two-pass at |mean|/std = 1e4 stays within a few float32 rounding steps
-    assert np.abs(y[:, 0] - y_ref[:, 0]).max() < 1e-3
+    # the shifted two-pass at |mean|/std = 1e4/3 never rounds the mean itself (x - s is exact, the
+    # residual mean is the size of sigma): the suite's output bound holds without its centering term
+    bound = output_tolerance("float32").bound(y_ref[:, 0], 0.0)
+    assert_within(np.abs(y[:, 0] - y_ref[:, 0]), bound, "y at offset 1e4")
     one = np.array([[4.0, -7.0, 1e4]], dtype="float32")
     y, _, _ = kernels.batch_norm(one, None, b, None, None, True, 0.1, 1e-5, 1, False)
     np.testing.assert_array_equal(y, b[None, :])
@@ -109,6 +111,20 @@ def test_the_plugin_registers_without_a_gpu_and_names_its_devices() -> None:
 
     assert info.devices == (("cuda",) if cupy.is_available() else ())
     assert "cupy" in normkit._registry.registry().loaded()
+
+
+def test_the_plugin_implements_every_hook_of_spec_2_and_astype() -> None:
+    pytest.importorskip("cupy")
+    from normkit._registry import OPS, load_backend, registry
+
+    info = load_backend("cupy")
+    assert info.astype is kernels.astype
+    hooks = registry().manager().hook
+    for op in OPS:
+        implementations = {
+            impl.plugin_name: impl.function for impl in getattr(hooks, f"normkit_{op}").get_hookimpls()
+        }
+        assert implementations.get("cupy") is getattr(kernels, op), op
 
 
 def test_import_normkit_does_not_import_cupy() -> None:

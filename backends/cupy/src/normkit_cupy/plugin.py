@@ -11,7 +11,16 @@ import numpy as np
 import normkit
 from normkit_cupy import kernels
 
-__all__ = ["normkit_backend_info", "normkit_batch_norm", "normkit_instance_norm", "normkit_layer_norm"]
+__all__ = [
+    "normkit_backend_info",
+    "normkit_batch_norm",
+    "normkit_group_norm",
+    "normkit_instance_norm",
+    "normkit_layer_norm",
+    "normkit_moments",
+    "normkit_normalize",
+    "normkit_rms_norm",
+]
 
 DTYPES = ("float16", "float32", "float64")  # CuPy has no bfloat16
 
@@ -67,6 +76,7 @@ def normkit_backend_info() -> normkit.BackendInfo:
             device=lambda a: f"cuda:{a.device.id}",
             shape=lambda a: a.shape,
             full=_full,
+            astype=kernels.astype,
         )
     return _INFO
 
@@ -76,3 +86,7 @@ def normkit_backend_info() -> normkit.BackendInfo:
 normkit_batch_norm = normkit.hookimpl(kernels.batch_norm)
 normkit_instance_norm = normkit.hookimpl(kernels.instance_norm)
 normkit_layer_norm = normkit.hookimpl(kernels.layer_norm)
+normkit_group_norm = normkit.hookimpl(kernels.group_norm)
+normkit_rms_norm = normkit.hookimpl(kernels.rms_norm)
+normkit_moments = normkit.hookimpl(kernels.moments)
+normkit_normalize = normkit.hookimpl(kernels.normalize)
