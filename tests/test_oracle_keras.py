@@ -41,13 +41,19 @@ def as64(value: Any) -> np.ndarray:
 
 
 def run_both(
-    keras_layer: Any, layer: Any, shape: tuple[int, ...], axes: tuple[int, ...], steps: int = STEPS
+    keras_layer: Any,
+    layer: Any,
+    shape: tuple[int, ...],
+    axes: tuple[int, ...],
+    steps: int = STEPS,
+    groups: int | None = None,
 ) -> float:
     """Train both for ``steps`` calls, then three in eval; each output within the bound for two
     implementations (:func:`agreement_tolerance`, with the centering gain of the statistics
     used) plus, in eval from moving statistics, how far the output moves when the two layers'
     moving statistics differ within twice :func:`statistics_tolerance`. Statistics over
-    ``axes``; returns the largest input magnitude seen in training."""
+    ``axes`` (or, with ``groups``, per sample and block of channels on the last axis); returns the
+    largest input magnitude seen in training."""
     rng = np.random.default_rng(7)
     magnitude = 0.0
     for step in range(steps + 3):
@@ -59,7 +65,12 @@ def run_both(
         gamma = float(np.abs(as64(keras_layer.gamma)).max())
         if training or not hasattr(keras_layer, "moving_mean"):
             magnitude = max(magnitude, float(np.abs(x).max())) if training else magnitude
-            gain = centering_gain(x64.mean(axis=axes), x64.var(axis=axes), keras_layer.epsilon, gamma)
+            if groups is not None:  # channels last: (N, ..., G, C/G) blocks
+                blocks = x64.reshape(shape[0], -1, groups, shape[-1] // groups)
+                mean, var = blocks.mean(axis=(1, 3)), blocks.var(axis=(1, 3))
+            else:
+                mean, var = x64.mean(axis=axes), x64.var(axis=axes)
+            gain = centering_gain(mean, var, keras_layer.epsilon, gamma)
             bound = agreement_tolerance("float32", centering_gain=gain).bound(expected, 0.0)
         else:
             mean, var = as64(keras_layer.moving_mean), as64(keras_layer.moving_variance)  # channels last
@@ -135,6 +146,42 @@ def test_group_normalization_with_one_channel_per_group_is_keras_instance_norm()
     layer = normkit.InstanceNorm(preset="keras")
     layer.load_state_dict({"weight": gamma, "bias": beta})
     run_both(keras_layer, layer, (4, 6, 6, channels), axes=(1, 2))
+
+
+@pytest.mark.parametrize(("groups", "shape"), [(2, (4, 6, 6, 6)), (3, (8, 5, 12)), (1, (4, 3, 3, 4))])
+def test_group_normalization_matches_keras(groups: int, shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(4)
+    channels = shape[-1]
+    keras_layer = keras.layers.GroupNormalization(groups=groups)
+    keras_layer.build((None, *shape[1:]))
+    gamma, beta = random_affine(channels, rng)
+    keras_layer.set_weights([gamma, beta])
+    layer = normkit.GroupNorm(groups, preset="keras")
+    layer.load_state_dict({"weight": gamma, "bias": beta})
+    assert (layer.eps, layer.axis) == (keras_layer.epsilon, keras_layer.axis)
+    run_both(keras_layer, layer, shape, axes=(), steps=2, groups=groups)
+
+
+@pytest.mark.parametrize("axis", [-1, (1, 2)])
+def test_rms_normalization_matches_keras(axis: int | tuple[int, ...]) -> None:
+    """Keras's RMSNormalization (epsilon 1e-6, a ``scale`` weight) against normkit's keras
+    preset; RMS norm subtracts no mean, so the bound has no centering term."""
+    rng = np.random.default_rng(5)
+    shape = (6, 4, 8)
+    keras_layer = keras.layers.RMSNormalization(axis=list(axis) if isinstance(axis, tuple) else axis)
+    keras_layer.build((None, *shape[1:]))
+    scale_shape = tuple(keras.ops.shape(keras_layer.scale))
+    scale = rng.uniform(0.5, 1.5, scale_shape).astype(np.float32)
+    keras_layer.set_weights([scale])
+    layer = normkit.RMSNorm(axis=axis, preset="keras")
+    assert layer.eps == keras_layer.epsilon
+    layer.load_state_dict({"weight": scale.reshape([shape[a] for a in ((2,) if axis == -1 else axis)])})
+    for step in range(3):
+        x = rng.normal(-1.0, 1.5, size=shape).astype(np.float32)
+        expected = keras.ops.convert_to_numpy(keras_layer(x))
+        got = layer(x)
+        bound = agreement_tolerance("float32").bound(expected.astype(np.float64), 0.0)
+        assert_within(np.abs(got.astype(np.float64) - expected), bound, f"call {step}")
 
 
 def test_a_torch_preset_state_converted_to_keras_gives_keras_eval_output() -> None:

@@ -35,6 +35,7 @@ def randomize_affine(module: Any, rng: np.random.Generator) -> None:
     with torch.no_grad():
         if getattr(module, "weight", None) is not None:
             module.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, module.weight.shape)))
+        if getattr(module, "bias", None) is not None:
             module.bias.copy_(torch.from_numpy(rng.normal(0, 0.5, module.bias.shape)))
 
 
@@ -59,6 +60,12 @@ def allowed_difference(module: Any, x: np.ndarray, expected: np.ndarray, magnitu
     x64 = x.astype(np.float64)
     weight = getattr(module, "weight", None)
     gamma = 1.0 if weight is None else float(as64(weight).__abs__().max())
+    if isinstance(module, torch.nn.RMSNorm):  # no mean is subtracted: nothing to centre
+        return agreement_tolerance(dtype).bound(expected, 0.0)
+    if isinstance(module, torch.nn.GroupNorm):
+        blocks = x64.reshape(x.shape[0], module.num_groups, -1)
+        gain = centering_gain(blocks.mean(axis=2), blocks.var(axis=2), module.eps, gamma)
+        return agreement_tolerance(dtype, centering_gain=gain).bound(expected, 0.0)
     if module.training or getattr(module, "running_mean", None) is None:
         axes = statistic_axes(module, x.ndim)
         gain = centering_gain(x64.mean(axis=axes), x64.var(axis=axes), module.eps, gamma)
@@ -176,6 +183,35 @@ def test_layer_norm_matches_torch(dtype: type) -> None:
     compare_over_training_then_eval(
         torch.nn.LayerNorm((6, 8)),
         normkit.LayerNorm((6, 8)),
+        (4, 3, 6, 8),
+        dtype,
+        compare_stats=False,
+        compare_counter=False,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("groups", "shape"), [(3, (8, 6, 5, 5)), (1, (4, 6, 7)), (6, (4, 6, 3, 3)), (2, (16, 4))]
+)
+def test_group_norm_matches_torch(groups: int, shape: tuple[int, ...], dtype: type) -> None:
+    compare_over_training_then_eval(
+        torch.nn.GroupNorm(groups, shape[1]),
+        normkit.GroupNorm(groups, preset="torch"),
+        shape,
+        dtype,
+        compare_stats=False,
+        compare_counter=False,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("eps", [None, 1e-6])
+def test_rms_norm_matches_torch(eps: float | None, dtype: type) -> None:
+    """eps=None is the compute dtype's machine epsilon in both (torch's opmath rule)."""
+    compare_over_training_then_eval(
+        torch.nn.RMSNorm((6, 8), eps=eps),
+        normkit.RMSNorm((6, 8), eps=eps, preset="torch"),
         (4, 3, 6, 8),
         dtype,
         compare_stats=False,
