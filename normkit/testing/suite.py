@@ -338,3 +338,47 @@ class ConformanceTests:
         assert np.all(np.abs(every - instance) <= bound), (
             "group_norm with C groups differs from instance_norm"
         )
+
+    @pytest.mark.parametrize("op", ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"])
+    def test_composites_agree_with_their_composition_from_primitives(
+        self, op: str, pytestconfig: pytest.Config
+    ) -> None:
+        """Each composite kernel agrees with the same op composed from this backend's own
+        primitives (:mod:`normkit.composed`): output within twice the suite's bound (two
+        implementations) with the centering term, updated running statistics within twice
+        the statistics bound."""
+        from normkit import composed
+        from normkit.testing.tolerances import centering_gain, statistics_tolerance
+
+        self._require(pytestconfig, op, "moments", "normalize")
+        info = load_backend(self.backend)
+        dtype = "float32" if "float32" in info.dtypes else info.dtypes[-1]
+        x_np = np.random.default_rng(3).normal(5.0, 2.0, size=(4, 6, 5, 3)).astype(numpy_dtype(dtype))
+        x = self._asarray(x_np, dtype, pytestconfig)
+        backend = backend_named(self.backend, x)
+        made = composed.composite(op, info, backend.moments, backend.normalize)
+        weight = self._asarray(np.linspace(0.5, 1.5, 6), "float32", pytestconfig)
+        bias = self._asarray(np.linspace(-1.0, 1.0, 6), "float32", pytestconfig)
+        stats = [self._asarray(np.full(6, v), "float32", pytestconfig) for v in (0.5, 2.0)]
+        arguments: dict[str, tuple[Any, ...]] = {
+            "batch_norm": (x, weight, bias, *stats, True, 0.1, 1e-5, 1, True),
+            "instance_norm": (x, weight, bias, *stats, True, 0.1, 1e-5, 1, False),
+            "layer_norm": (x, None, None, (1, 2, 3), 1e-5),
+            "group_norm": (x, 3, weight, bias, 1e-5, 1),
+            "rms_norm": (x, None, (2, 3), 1e-5, 0.0, False),
+        }
+        own, theirs = getattr(backend, op)(*arguments[op]), made(*arguments[op])
+        own = own if isinstance(own, tuple) else (own,)
+        theirs = theirs if isinstance(theirs, tuple) else (theirs,)
+        x64 = x_np.astype(np.float64)
+        gain = (
+            0.0 if op == "rms_norm" else centering_gain(x64.mean(), x64.var(axis=(0, 2, 3)).min(), 1e-5, 1.5)
+        )
+        y_own, y_made = (np.asarray(info.to_numpy(a), np.float64) for a in (own[0], theirs[0]))
+        bound = output_tolerance(dtype, centering_gain=gain).pairwise().bound(y_own, 0.0)
+        assert np.all(np.abs(y_own - y_made) <= bound), f"{op}: composite and composition differ"
+        for index, statistic in ((1, "mean"), (2, "var")):
+            if len(own) > index and own[index] is not None:
+                got, made_value = (np.asarray(info.to_numpy(a[index]), np.float64) for a in (own, theirs))
+                tolerance = statistics_tolerance(dtype, statistic, float(np.abs(x64).max())).pairwise()
+                np.testing.assert_allclose(made_value, got, **tolerance.kwargs)
