@@ -18,6 +18,10 @@ device, and is differentiable with respect to ``x``, ``weight`` and ``bias``.
 * **Layer norm** is ``F.layer_norm`` over the trailing axes; other axes are moved to the end as
   a view first and back afterwards.
 
+The spec-v2 kernels live beside this module: the primitives ``moments`` and ``normalize`` in
+:mod:`normkit_torch.statistics`, group norm in :mod:`normkit_torch.group_norm` (ATen's kernel on
+channels-first memory only) and RMS norm in :mod:`normkit_torch.rms_norm`.
+
 ATen computes float16/bfloat16 input in float32 and accepts float32 parameters beside it; the
 kernels cast parameters to the compute dtype (float64 for float64 input, float32 otherwise)
 when they differ, and cast updated running statistics back to the dtype they came in.

@@ -1,8 +1,10 @@
 """The normkit plugin: registered through the ``normkit.backends`` entry point named ``torch``.
 
 normkit loads this module only after ``torch`` has been imported, so importing torch here costs
-nothing. It describes the backend (:func:`normkit_backend_info`) and registers the kernels of
-:mod:`normkit_torch.kernels` as its hooks.
+nothing. It describes the backend (:func:`normkit_backend_info`) and registers the kernels as
+its hooks: batch, instance and layer norm from :mod:`normkit_torch.kernels`, the primitives
+from :mod:`normkit_torch.statistics`, group norm from :mod:`normkit_torch.group_norm` and RMS
+norm from :mod:`normkit_torch.rms_norm`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,18 @@ import numpy as np
 import torch
 
 import normkit
-from normkit_torch import kernels
+from normkit_torch import group_norm, kernels, rms_norm, statistics
 
-__all__ = ["normkit_backend_info", "normkit_batch_norm", "normkit_instance_norm", "normkit_layer_norm"]
+__all__ = [
+    "normkit_backend_info",
+    "normkit_batch_norm",
+    "normkit_group_norm",
+    "normkit_instance_norm",
+    "normkit_layer_norm",
+    "normkit_moments",
+    "normkit_normalize",
+    "normkit_rms_norm",
+]
 
 DTYPES = {
     "float16": torch.float16,
@@ -23,6 +34,7 @@ DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
 }
+_ASTYPE_DTYPES = {**DTYPES, "int64": torch.int64, "bool": torch.bool}
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
 
 
@@ -57,6 +69,13 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy().copy()
 
 
+def _astype(t: torch.Tensor, dtype: str | torch.dtype) -> torch.Tensor:
+    """``t`` in the named dtype (``"float64"``, ``"int64"``, ``"bool"``, ...; a ``torch.dtype``
+    is taken as is), on its device; ``t`` itself when it has it already. Differentiable between
+    floating dtypes, as ``Tensor.to`` is."""
+    return t.to(dtype if isinstance(dtype, torch.dtype) else _ASTYPE_DTYPES[dtype])
+
+
 def _full(shape: tuple[int, ...], fill_value: float, dtype: str, like: torch.Tensor) -> torch.Tensor:
     return torch.full(shape, fill_value, dtype=DTYPES[dtype], device=like.device)
 
@@ -89,6 +108,7 @@ def normkit_backend_info() -> normkit.BackendInfo:
             device=lambda t: t.device.type,
             shape=lambda t: tuple(t.shape),
             full=_full,
+            astype=_astype,
         )
     return _INFO
 
@@ -98,3 +118,7 @@ def normkit_backend_info() -> normkit.BackendInfo:
 normkit_batch_norm = normkit.hookimpl(kernels.batch_norm)
 normkit_instance_norm = normkit.hookimpl(kernels.instance_norm)
 normkit_layer_norm = normkit.hookimpl(kernels.layer_norm)
+normkit_group_norm = normkit.hookimpl(group_norm.group_norm)
+normkit_rms_norm = normkit.hookimpl(rms_norm.rms_norm)
+normkit_moments = normkit.hookimpl(statistics.moments)
+normkit_normalize = normkit.hookimpl(statistics.normalize)
