@@ -126,12 +126,14 @@ UNCLAIMED_SUBCLASSES: tuple[UnclaimedSubclass, ...] = (
     UnclaimedSubclass(
         spec="numpy.ma:MaskedArray",
         why=(
-            "normkit does not handle masked arrays yet (masked statistics are planned), and "
-            "treating one as a plain array would silently ignore its mask"
+            "normkit does not take masked arrays (pass the mask separately: mask= of moments and "
+            "batch_norm, True where a value counts), and treating one as a plain array would "
+            "silently ignore its mask"
         ),
         input_advice=(
-            "To ignore the mask, pass {name}.filled(value) or np.asarray({name}); to leave the masked "
-            "values out, pass {name}.compressed() (1-D) or select the samples that have none"
+            "To leave the masked values out of the statistics, pass {name}.filled(0) with "
+            "mask=~np.ma.getmaskarray({name}); to ignore the mask, pass {name}.filled(value) or "
+            "np.asarray({name})"
         ),
         parameter_advice=(
             "Pass np.asarray({name}) to ignore the mask, or {name}.filled(value) to replace the masked values"

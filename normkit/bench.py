@@ -27,6 +27,12 @@ normkit/floor, and the median per-round difference normkit - native in microseco
 ``tiny`` workloads (where the arithmetic costs nothing) that is what normkit's dispatch and
 validation add to each call. The spread of the floor's times (interquartile range / median) is
 reported as the machine's noise. These are measurements, never assertions.
+
+Some workloads carry *targets* (:class:`Target`, :data:`ISSUE_12_TARGETS`): a limit on one of
+those ratios for one backend's rows, which each row reports as met or missed. The floor writes
+into a preallocated array, so workloads with ``with_out=True`` also time the NumPy backend's
+compiled kernels writing into a preallocated ``out=`` (row ``numpy-out``), the row that the
+floor target is for.
 """
 
 from __future__ import annotations
@@ -48,23 +54,63 @@ from normkit import bench_baselines as baselines
 from normkit._registry import load_backend
 
 __all__ = [
+    "ISSUE_12_TARGETS",
     "LEGEND",
     "WORKLOADS",
     "BenchResult",
+    "Target",
     "Workload",
     "format_startup",
     "format_table",
+    "format_target",
     "format_time",
+    "judge_targets",
     "measure_startup",
     "noise_warning",
     "run_bench",
+    "target_misses",
     "timed_calls",
+    "workload_input",
 ]
 
 
 @dataclass(frozen=True)
+class Target:
+    """A goal for the rows of one backend variant: the median per-round ratio of its time to a
+    yardstick (``"native"`` or ``"floor"``) at most ``limit``."""
+
+    variant: str
+    """The row's backend column: ``numpy`` (compiled kernels), ``numpy-out`` (compiled, with
+    ``out=``), ``numpy-pure``, ``torch``, ..."""
+    yardstick: str
+    """``"native"`` (the ``x native`` column) or ``"floor"`` (the ``x floor`` column)."""
+    limit: float
+    native: str | None = None
+    """For a ``"native"`` target: the native it is against (``"torch"``: PyTorch's ATen op)."""
+    torch_threads: int | None = None
+    """The number of PyTorch threads the target is stated for; a run with another number
+    reports the target as not applicable instead of met or missed."""
+    source: str = ""
+
+    def applies_to(self, variant: str, native: str | None) -> bool:
+        return self.variant == variant and (self.yardstick == "floor" or self.native == native)
+
+
+ISSUE_12_TARGETS: tuple[Target, ...] = (
+    # the compiled NumPy backend at most 1.0x torch's native CPU op (2 threads) ...
+    Target("numpy", "native", 1.0, native="torch", torch_threads=2, source="issue 12"),
+    # ... and at most 1.3x the bandwidth floor with out=
+    Target("numpy-out", "floor", 1.3, source="issue 12"),
+    # the torch backend at most 1.05x its ATen op
+    Target("torch", "native", 1.05, native="torch", source="issue 12"),
+)
+"""Issue 12's "Must show" for the group norm and RMS norm workloads, in one place."""
+
+
+@dataclass(frozen=True)
 class Workload:
-    """An input shape for one op; ``axis`` is the channel axis (batch/instance norm)."""
+    """An input shape for one op; ``axis`` is the channel axis (batch/instance/group norm) or
+    the normalized axis (layer and RMS norm: the last)."""
 
     name: str
     op: str
@@ -76,14 +122,37 @@ class Workload:
     module: bool = False
     """Time the frameworks' layers (``normkit_torch`` against ``torch.nn``, normkit's Keras layers
     against Keras's) instead of the functional ops."""
+    num_groups: int | None = None
+    """Group norm's ``G`` (required for ``op="group_norm"``)."""
+    with_out: bool = False
+    """Also time the NumPy backend's compiled kernels writing into a preallocated ``out=`` (row
+    ``numpy-out``), as the floor writes into one."""
+    targets: tuple[Target, ...] = ()
+    """The goals its rows are held to (:data:`ISSUE_12_TARGETS`)."""
+
+    def __post_init__(self) -> None:
+        if (self.op == "group_norm") != (self.num_groups is not None):
+            raise ValueError(f"workload {self.name!r}: num_groups is for group_norm, and group_norm needs it")
+        if self.num_groups is not None and self.channels % self.num_groups:
+            raise ValueError(
+                f"workload {self.name!r}: {self.num_groups} groups do not divide {self.channels}"
+            )
 
     @property
     def modes(self) -> tuple[str, ...]:
-        return ("train",) if self.op == "layer_norm" else ("train", "eval")
+        """``("train", "eval")`` for the ops with running statistics; ``("train",)`` for the
+        others, which compute the same thing in both."""
+        return ("train", "eval") if self.op in ("batch_norm", "instance_norm") else ("train",)
 
     @property
     def channels(self) -> int:
         return self.shape[self.axis]
+
+    @property
+    def param_size(self) -> int:
+        """The length of the weight (and bias): the last axis for layer and RMS norm, else the
+        channels."""
+        return self.shape[-1] if self.op in ("layer_norm", "rms_norm") else self.channels
 
 
 WORKLOADS: tuple[Workload, ...] = (
@@ -103,6 +172,24 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("in2d-module", "instance_norm", (16, 64, 64, 64), module=True),
     Workload("ln-module-tiny", "layer_norm", (2, 8, 8), axis=-1, repeats=100, module=True),
     Workload("ln-module", "layer_norm", (64, 512, 768), axis=-1, module=True),
+    Workload(
+        "gn-nchw", "group_norm", (32, 256, 28, 28), num_groups=32, with_out=True, targets=ISSUE_12_TARGETS
+    ),
+    Workload(
+        "gn-nhwc",
+        "group_norm",
+        (8, 64, 64, 512),
+        axis=-1,
+        num_groups=32,
+        with_out=True,
+        targets=ISSUE_12_TARGETS,
+    ),
+    Workload("rms-4096", "rms_norm", (4096, 4096), axis=-1, with_out=True, targets=ISSUE_12_TARGETS),
+    Workload("rms-768", "rms_norm", (64, 512, 768), axis=-1, with_out=True, targets=ISSUE_12_TARGETS),
+    Workload("gn-module-tiny", "group_norm", (2, 8, 8, 8), num_groups=4, repeats=100, module=True),
+    Workload("gn-module", "group_norm", (8, 256, 28, 28), num_groups=32, module=True),
+    Workload("rms-module-tiny", "rms_norm", (2, 8, 8), axis=-1, repeats=100, module=True),
+    Workload("rms-module", "rms_norm", (64, 512, 768), axis=-1, module=True),
 )
 """Every workload ``normkit bench`` knows, by name (``--workload NAME``)."""
 
@@ -154,11 +241,28 @@ class BenchResult:
     noise: float
     rounds: int
     extra: dict[str, Any] = field(default_factory=dict)
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    """The workload's targets for this row (:func:`judge_targets`): ``yardstick``, ``limit``,
+    ``ratio``, ``met`` (``None`` where the target's conditions do not hold) and ``source``."""
 
 
-def _normkit_op(workload: Workload, mode: str, backend: str, params: dict[str, Any]) -> Callable[[Any], Any]:
-    """The normkit op of the workload as a function of its input."""
+def _normkit_op(
+    workload: Workload, mode: str, backend: str, params: dict[str, Any], out: Any = None
+) -> Callable[[Any], Any]:
+    """The normkit op of the workload as a function of its input (writing into ``out``, when
+    given: group and RMS norm only)."""
     training = mode == "train"
+    if workload.op == "group_norm":
+        return lambda x: normkit.group_norm(
+            x, workload.num_groups, params["weight"], params["bias"], eps=baselines.EPS,
+            axis=workload.axis, backend=backend, out=out,
+        )  # fmt: skip
+    if workload.op == "rms_norm":
+        return lambda x: normkit.rms_norm(
+            x, params["weight"], axis=workload.axis, eps=baselines.EPS, backend=backend, out=out
+        )
+    if out is not None:
+        raise ValueError(f"workload {workload.name!r}: out= is timed for group_norm and rms_norm only")
     if workload.op == "layer_norm":
         return lambda x: normkit.layer_norm(
             x, workload.shape[-1], params["weight"], params["bias"], backend=backend
@@ -219,7 +323,7 @@ def run_bench(
         for w in workloads
         for m in w.modes
         for b in backends
-        if not w.module or baselines.has_modules(b)
+        if not w.module or baselines.has_modules(b, w)
     ]
     from normkit import numpy_backend
 
@@ -239,11 +343,10 @@ def _run_jobs(
         if progress:
             progress(f"[{index}/{len(jobs)}] {workload.name} {mode} on {backend}")
         info = load_backend(backend)
-        x_np = np.random.default_rng(0).standard_normal(workload.shape).astype(workload.dtype)
+        x_np = workload_input(workload)
         x = info.asarray(x_np, workload.dtype, None)
-        channels = workload.channels if workload.op != "layer_norm" else workload.shape[-1]
         params = {
-            k: info.asarray(np.full(channels, v, dtype=np.float32), "float32", None)
+            k: info.asarray(np.full(workload.param_size, v, dtype=np.float32), "float32", None)
             for k, v in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0))
         }
         framework = baselines.framework_of(backend)
@@ -252,8 +355,11 @@ def _run_jobs(
             variants = {backend: mine}
         else:
             op = baselines.compiled(framework, _normkit_op(workload, mode, backend, params))
+            into = None
+            if workload.with_out and backend == "numpy":
+                into = _normkit_op(workload, mode, backend, params, out=np.empty_like(x_np))
             variants = {
-                name: (lambda op=op, x=x: op(x)) for name, op in _kernel_variants(backend, op).items()
+                name: (lambda op=op, x=x: op(x)) for name, op in _kernel_variants(backend, op, into).items()
             }
             natives = baselines.build_natives(backend, workload, mode, x, x_np)
         calls = timed_calls(variants, baselines.floor(framework, x), natives)
@@ -274,27 +380,71 @@ def _run_jobs(
                 "extra": baselines.settings(framework)
                 | baselines.device_bandwidth(framework, x, statistics.median(mine) / 1e3),
             }
-            if not natives:
-                results.append(
-                    BenchResult(native=None, native_ms=None, ratio_to_native=None, overhead_us=None, **common)
+            rows = [
+                BenchResult(
+                    native=name,
+                    native_ms=statistics.median(times[NATIVE + name]),
+                    ratio_to_native=_median_ratio(mine, times[NATIVE + name]),
+                    overhead_us=_median_difference_us(mine, times[NATIVE + name]),
+                    **common,
                 )
-            for name in natives:
-                results.append(
-                    BenchResult(
-                        native=name,
-                        native_ms=statistics.median(times[NATIVE + name]),
-                        ratio_to_native=_median_ratio(mine, times[NATIVE + name]),
-                        overhead_us=_median_difference_us(mine, times[NATIVE + name]),
-                        **common,
-                    )
-                )
+                for name in natives
+            ] or [BenchResult(native=None, native_ms=None, ratio_to_native=None, overhead_us=None, **common)]
+            for row in rows:
+                row.targets = judge_targets(workload.targets, row)
+            results += rows
     return results
 
 
-def _kernel_variants(backend: str, op: Callable[[Any], Any]) -> dict[str, Callable[[Any], Any]]:
+def workload_input(workload: Workload) -> np.ndarray:
+    """The input every implementation of a workload is timed on: standard normal values of the
+    workload's shape and dtype, the same in every run."""
+    return np.random.default_rng(0).standard_normal(workload.shape).astype(workload.dtype)
+
+
+def judge_targets(targets: tuple[Target, ...], result: BenchResult) -> list[dict[str, Any]]:
+    """Each target that applies to ``result``'s row, with the ratio it measured and whether it
+    is met (``None``: the run's conditions are not the target's, e.g. another number of PyTorch
+    threads, or the row has no such ratio)."""
+    judged = []
+    for target in targets:
+        if not target.applies_to(result.backend, result.native):
+            continue
+        ratio = result.ratio_to_floor if target.yardstick == "floor" else result.ratio_to_native
+        threads = result.extra.get("torch_threads")
+        applicable = ratio is not None and target.torch_threads in (None, threads)
+        judged.append({
+            "yardstick": target.yardstick,
+            "limit": target.limit,
+            "ratio": ratio,
+            "met": (ratio <= target.limit) if applicable else None,
+            "torch_threads": target.torch_threads,
+            "source": target.source,
+        })  # fmt: skip
+    return judged
+
+
+def target_misses(results: list[BenchResult]) -> str | None:
+    """A line naming every row that missed a target, with its ratio and the limit, if any."""
+    misses = [
+        f"{r.workload} {r.mode} on {r.backend}: x {t['yardstick']} {t['ratio']:.2f} > {t['limit']:.2f}"
+        + (f" ({t['source']})" if t["source"] else "")
+        for r in results
+        for t in r.targets
+        if t["met"] is False
+    ]
+    if not misses:
+        return None
+    return f"targets missed in {len(misses)} row(s): " + "; ".join(misses)
+
+
+def _kernel_variants(
+    backend: str, op: Callable[[Any], Any], into: Callable[[Any], Any] | None = None
+) -> dict[str, Callable[[Any], Any]]:
     """The implementations of a backend to time: for the NumPy backend with numba installed, its
     compiled kernels as ``numpy`` and its pure-NumPy ones as ``numpy-pure``, each call switching
-    to its kernels (so both pay the same switch); otherwise the backend itself."""
+    to its kernels (so both pay the same switch), and ``into`` (the op writing into a
+    preallocated ``out=``) on the compiled kernels as ``numpy-out``; otherwise the backend itself."""
     if backend != "numpy":
         return {backend: op}
     from normkit import numpy_backend
@@ -306,14 +456,17 @@ def _kernel_variants(backend: str, op: Callable[[Any], Any]) -> dict[str, Callab
     except ModuleNotFoundError:
         numpy_backend.use_kernels("pure")
 
-    def using(kernels: str) -> Callable[[Any], Any]:
+    def using(kernels: str, op: Callable[[Any], Any] = op) -> Callable[[Any], Any]:
         def call(x: Any) -> Any:
             numpy_backend.use_kernels(kernels)
             return op(x)
 
         return call
 
-    return {("numpy" if k == "compiled" else "numpy-pure"): using(k) for k in available}
+    variants = {("numpy" if k == "compiled" else "numpy-pure"): using(k) for k in available}
+    if into is not None and "compiled" in available:
+        variants["numpy-out"] = using("compiled", into)
+    return variants
 
 
 def format_time(ms: float) -> str:
@@ -333,7 +486,10 @@ floor      copying the input once in the backend's framework: no normalization c
 x native   median of the per-round ratios normkit / native (below 1: normkit is faster)
 x floor    median of the per-round ratios normkit / floor
 +µs/call   median per-round difference normkit - native, per call (the tiny rows: normkit's overhead)
-noise      spread of the floor's times in this run (interquartile range / median)"""
+noise      spread of the floor's times in this run (interquartile range / median)
+target     (some workloads) the most that row's x native or x floor may be, from the issue named in
+           the JSON: ✓ met, ✗ missed, n/a where the run differs from the target's conditions
+           (PyTorch's thread count); backend numpy-out = compiled NumPy kernels with out="""
 
 
 def format_table(results: list[BenchResult], markdown: bool = False) -> str:
@@ -365,6 +521,10 @@ def format_table(results: list[BenchResult], markdown: bool = False) -> str:
         for row, r in zip(rows, results, strict=True):
             fraction = r.extra.get("fraction_of_peak")
             row.append(f"{100 * fraction:.0f}%" if fraction is not None else "")
+    if any(r.targets for r in results):
+        header.append("target")
+        for row, r in zip(rows, results, strict=True):
+            row.append("; ".join(format_target(t) for t in r.targets))
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -373,6 +533,16 @@ def format_table(results: list[BenchResult], markdown: bool = False) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
     )
+
+
+def format_target(target: dict[str, Any]) -> str:
+    """One judged target as a table cell: ``native ≤ 1.00 ✓``, ``floor ≤ 1.30 ✗``, or ``n/a``
+    with the reason."""
+    verdict = {True: "✓", False: "✗"}.get(target["met"])
+    if verdict is None:
+        threads = target.get("torch_threads")
+        verdict = f"n/a (stated for {threads} torch threads)" if threads else "n/a"
+    return f"{target['yardstick']} ≤ {target['limit']:.2f} {verdict}"
 
 
 def noise_warning(results: list[BenchResult]) -> str | None:

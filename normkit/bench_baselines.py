@@ -10,17 +10,25 @@ numpy          ``torch``: PyTorch's ``F.*_norm`` on the CPU  ``np.copyto`` into 
 torch          ``torch``: the ATen call, on the same tensor  ``Tensor.copy_`` into a preallocated tensor
 tensorflow     ``keras``: ``keras.layers.*Normalization``;   ``tf.raw_ops.DeepCopy`` (allocates, as
                ``tf.nn``: ``tf.nn.moments`` and              every TF op does)
-               ``tf.nn.batch_normalization``; all in
+               ``tf.nn.batch_normalization`` (group norm:
+               on a ``(.., G, C/G, ..)`` view; RMS norm:
+               ``x * rsqrt(mean(x²) + eps) * w``); all in
                ``tf.function``
 cupy           ``torch``: PyTorch's CUDA op on the same      ``cupy.copyto`` into a preallocated
                memory (DLPack), when PyTorch has CUDA        array; every call synchronized
 =============  ============================================  ==========================================
 
+Channels-last data is given to PyTorch as a ``channels_last`` tensor (a logical ``(N, C, H, W)``
+view of the same memory), so each native reads the bytes normkit reads. For group norm that
+layout selects ATen's one-pass CPU kernel (``E[x²] - E[x]²``, inaccurate far from zero; normkit's
+torch backend does not use it there): the bench measures speed, not accuracy.
+
 Module workloads compare layers as a model calls them, eagerly: ``normkit_torch``'s drop-in
 modules against their ``torch.nn`` namesakes (native ``torch.nn``; training with autograd on,
 eval under ``torch.no_grad()``), and ``normkit_tensorflow``'s Keras layers against Keras's own
 (native ``keras``; instance norm against ``GroupNormalization(groups=-1)``), every layer with
-its defaults.
+its defaults. A module workload runs on a backend only where both layers exist
+(:func:`has_modules`).
 
 For a GPU backend the results also carry the device, its peak memory bandwidth and the
 effective bandwidth of the normkit op (``2 * x.nbytes / time``: reading ``x`` and writing ``y``
@@ -38,6 +46,7 @@ if TYPE_CHECKING:
     from normkit.bench import Workload
 
 __all__ = [
+    "EPS",
     "build_modules",
     "build_natives",
     "compiled",
@@ -49,6 +58,10 @@ __all__ = [
 ]
 
 Builder = Callable[["Workload", str, Any], Callable[[], Any]]
+
+EPS = 1e-5
+"""The ε every functional op and native is given (the ``torch`` preset's for batch, layer,
+instance and group norm; RMS norm gets it explicitly too, for every implementation alike)."""
 
 
 def framework_of(name: str) -> str:
@@ -78,18 +91,22 @@ def _torch(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
     import torch.nn.functional as F
 
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
-    if workload.op != "layer_norm" and workload.axis != 1:
+    if workload.op not in ("layer_norm", "rms_norm") and workload.axis % t.dim() != 1:
         t = t.movedim(workload.axis, 1)  # logical NCHW view of channels-last memory
-    size = workload.shape[-1] if workload.op == "layer_norm" else workload.channels
+    size = workload.param_size
     options = {"device": t.device, "dtype": t.dtype}
     weight, bias = torch.ones(size, **options), torch.zeros(size, **options)
     if workload.op == "layer_norm":
-        return lambda: F.layer_norm(t, (size,), weight, bias, 1e-5)
+        return lambda: F.layer_norm(t, (size,), weight, bias, EPS)
+    if workload.op == "rms_norm":
+        return lambda: F.rms_norm(t, (size,), weight, EPS)
+    if workload.op == "group_norm":
+        return lambda: F.group_norm(t, workload.num_groups, weight, bias, EPS)
     mean, var = torch.zeros(size, **options), torch.ones(size, **options)
     training = mode == "train"
     if workload.op == "batch_norm":
-        return lambda: F.batch_norm(t, mean, var, weight, bias, training, 0.1, 1e-5)
-    return lambda: F.instance_norm(t, mean, var, weight, bias, training, 0.1, 1e-5)
+        return lambda: F.batch_norm(t, mean, var, weight, bias, training, 0.1, EPS)
+    return lambda: F.instance_norm(t, mean, var, weight, bias, training, 0.1, EPS)
 
 
 def _keras(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
@@ -101,22 +118,38 @@ def _keras(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
     axis = workload.axis % len(workload.shape)
     dtype = workload.dtype  # float64 layers for float64 data (a float32 layer would cast it)
     if workload.op == "layer_norm":
-        layer = keras.layers.LayerNormalization(axis=-1, epsilon=1e-5, dtype=dtype)
+        layer = keras.layers.LayerNormalization(axis=-1, epsilon=EPS, dtype=dtype)
+    elif workload.op == "rms_norm":
+        if not hasattr(keras.layers, "RMSNormalization"):
+            raise _Unavailable("keras.layers.RMSNormalization needs Keras 3.9 or later")
+        layer = keras.layers.RMSNormalization(axis=-1, epsilon=EPS, dtype=dtype)
     elif workload.op == "batch_norm":
-        layer = keras.layers.BatchNormalization(axis=axis, epsilon=1e-5, dtype=dtype)
+        layer = keras.layers.BatchNormalization(axis=axis, epsilon=EPS, dtype=dtype)
     else:
-        layer = keras.layers.GroupNormalization(groups=-1, axis=axis, epsilon=1e-5, dtype=dtype)
+        groups = workload.num_groups if workload.op == "group_norm" else -1
+        layer = keras.layers.GroupNormalization(groups=groups, axis=axis, epsilon=EPS, dtype=dtype)
     training = mode == "train"
     call = tf.function(lambda t: layer(t, training=training))
     return lambda: call(x)
 
 
 def _tf_nn(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
-    """``tf.nn.moments`` and ``tf.nn.batch_normalization`` in ``tf.function``."""
+    """``tf.nn.moments`` and ``tf.nn.batch_normalization`` in ``tf.function`` (RMS norm, which
+    has no ``tf.nn`` op: the formula in TensorFlow's ops)."""
     import tensorflow as tf
 
     rank = len(workload.shape)
     axis = workload.axis % rank
+    if workload.op == "group_norm":
+        return _tf_nn_group_norm(workload, x)
+    if workload.op == "rms_norm":
+        weight = tf.ones([workload.param_size], x.dtype)
+
+        @tf.function
+        def rms(t: Any) -> Any:
+            return t * tf.math.rsqrt(tf.reduce_mean(tf.square(t), axis=-1, keepdims=True) + EPS) * weight
+
+        return lambda: rms(x)
     if workload.op == "layer_norm":
         axes = [rank - 1]
     elif workload.op == "batch_norm":
@@ -137,7 +170,30 @@ def _tf_nn(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
             mean, var = tf.nn.moments(t, axes=axes, keepdims=True)
         else:
             mean, var = moving_mean, moving_var
-        return tf.nn.batch_normalization(t, mean, var, beta, gamma, 1e-5)
+        return tf.nn.batch_normalization(t, mean, var, beta, gamma, EPS)
+
+    return lambda: call(x)
+
+
+def _tf_nn_group_norm(workload: Workload, x: Any) -> Callable[[], Any]:
+    """Group norm with ``tf.nn.moments`` and ``tf.nn.batch_normalization`` on a view that splits
+    the channels into ``(G, C/G)``, as Keras's ``GroupNormalization`` computes it."""
+    import tensorflow as tf
+
+    shape = list(workload.shape)
+    axis = workload.axis % len(shape)
+    groups = int(workload.num_groups or 1)
+    grouped = [*shape[:axis], groups, shape[axis] // groups, *shape[axis + 1 :]]
+    axes = [a for a in range(1, len(grouped)) if a != axis]  # all but the batch and the group
+    per_channel = [1] * len(grouped)
+    per_channel[axis], per_channel[axis + 1] = groups, shape[axis] // groups
+    gamma, beta = tf.ones(per_channel, x.dtype), tf.zeros(per_channel, x.dtype)
+
+    @tf.function
+    def call(t: Any) -> Any:
+        g = tf.reshape(t, grouped)
+        mean, var = tf.nn.moments(g, axes=axes, keepdims=True)
+        return tf.reshape(tf.nn.batch_normalization(g, mean, var, beta, gamma, EPS), shape)
 
     return lambda: call(x)
 
@@ -161,13 +217,12 @@ def _torch_modules(
 
     import normkit_torch
 
-    rank = len(workload.shape)
-    if workload.op == "layer_norm":
-        name, size = "LayerNorm", workload.shape[-1]
+    name = _torch_module_name(workload)
+    if workload.op == "group_norm":
+        arguments: tuple[int, ...] = (int(workload.num_groups or 1), workload.channels)
     else:
-        family = "BatchNorm" if workload.op == "batch_norm" else "InstanceNorm"
-        name, size = f"{family}{max(rank - 2, 1)}d", workload.channels
-    mine, native = getattr(normkit_torch, name)(size), getattr(nn, name)(size)
+        arguments = (workload.param_size,)
+    mine, native = getattr(normkit_torch, name)(*arguments), getattr(nn, name)(*arguments)
     if mode == "train":
         return (lambda: mine(x)), {"torch.nn": lambda: native(x)}
     mine.eval()
@@ -183,6 +238,15 @@ def _torch_modules(
     return inference(mine), {"torch.nn": inference(native)}
 
 
+def _torch_module_name(workload: Workload) -> str:
+    """The ``torch.nn`` class (and its ``normkit_torch`` drop-in) a module workload times."""
+    fixed = {"layer_norm": "LayerNorm", "group_norm": "GroupNorm", "rms_norm": "RMSNorm"}
+    if workload.op in fixed:
+        return fixed[workload.op]
+    family = "BatchNorm" if workload.op == "batch_norm" else "InstanceNorm"
+    return f"{family}{max(len(workload.shape) - 2, 1)}d"
+
+
 def _keras_modules(
     workload: Workload, mode: str, x: Any
 ) -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
@@ -193,6 +257,12 @@ def _keras_modules(
 
     if workload.op == "layer_norm":
         mine, native = normkit_tensorflow.LayerNormalization(), keras.layers.LayerNormalization()
+    elif workload.op == "rms_norm":
+        mine, native = normkit_tensorflow.RMSNormalization(), keras.layers.RMSNormalization()
+    elif workload.op == "group_norm":
+        groups = int(workload.num_groups or 1)
+        mine = normkit_tensorflow.GroupNormalization(groups=groups, axis=workload.axis)
+        native = keras.layers.GroupNormalization(groups=groups, axis=workload.axis)
     elif workload.op == "batch_norm":
         mine = normkit_tensorflow.BatchNormalization(axis=workload.axis)
         native = keras.layers.BatchNormalization(axis=workload.axis)
@@ -205,10 +275,40 @@ def _keras_modules(
 
 _MODULES = {"torch": _torch_modules, "tensorflow": _keras_modules}
 
+_KERAS_LAYERS = {
+    "batch_norm": ("BatchNormalization", "BatchNormalization"),
+    "instance_norm": ("InstanceNormalization", "GroupNormalization"),
+    "layer_norm": ("LayerNormalization", "LayerNormalization"),
+    "group_norm": ("GroupNormalization", "GroupNormalization"),
+    "rms_norm": ("RMSNormalization", "RMSNormalization"),
+}
+"""Per op: normkit's Keras layer and Keras's own that a module workload times."""
 
-def has_modules(backend: str) -> bool:
-    """Whether the backend ships framework layers that module workloads can time."""
-    return backend in _MODULES
+
+def has_modules(backend: str, workload: Workload | None = None) -> bool:
+    """Whether the backend ships framework layers that module workloads can time (for
+    ``workload``: whether both normkit's layer and the framework's own exist here, e.g. not
+    ``torch.nn.RMSNorm`` before PyTorch 2.4)."""
+    if backend not in _MODULES:
+        return False
+    if workload is None:
+        return True
+    try:
+        if backend == "torch":
+            from torch import nn
+
+            import normkit_torch
+
+            name = _torch_module_name(workload)
+            return hasattr(normkit_torch, name) and hasattr(nn, name)
+        import keras
+
+        import normkit_tensorflow
+
+        mine, native = _KERAS_LAYERS[workload.op]
+        return hasattr(normkit_tensorflow, mine) and hasattr(keras.layers, native)
+    except ImportError:
+        return False
 
 
 def build_modules(

@@ -149,13 +149,13 @@ CASES: list[tuple[str, Callable[[normkit.BatchNorm], Any], type[Exception], str]
         "masked-array",
         lambda layer: layer(np.ma.masked_array(X, mask=X < 0)),
         TypeError,
-        "x is a numpy.ma.MaskedArray: normkit does not handle masked arrays yet",
+        "x is a numpy.ma.MaskedArray: normkit does not take masked arrays",
     ),
     (
         "masked-weight",
         lambda layer: functional(layer, weight=np.ma.masked_array(layer.weight, mask=[1, 0, 0])),
         TypeError,
-        "weight is a numpy.ma.MaskedArray: normkit does not handle masked arrays yet",
+        "weight is a numpy.ma.MaskedArray: normkit does not take masked arrays",
     ),
     (
         "channel-mismatch",

@@ -147,7 +147,9 @@ class _ChannelNorm(_Layer):
 
         :param mask: (batch norm) a boolean array, ``True`` where a value counts: training
             statistics over the unmasked values only; eval ignores it (see
-            :func:`normkit.batch_norm`).
+            :func:`normkit.batch_norm`). A masked training call counts in
+            ``num_batches_tracked`` like any non-empty batch, even with nothing unmasked (whose
+            running statistics it leaves unchanged).
         """
         if mask is not None and self._op != "batch_norm":
             raise TypeError(f"mask=: {type(self).__name__} takes no mask (only BatchNorm does)")

@@ -82,15 +82,24 @@ def _parts(rows: int, groups: int, block_rows: int) -> int:
 
 
 def merge_statistics(
-    counts: np.ndarray, means: np.ndarray, m2: np.ndarray, axis: int
+    counts: np.ndarray, refs: np.ndarray, offsets: np.ndarray, m2: np.ndarray, axis: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r"""Merge groups of values along ``axis`` from their counts, means and sums of squared
-    deviations (float64): :math:`n = \sum n_p`, :math:`\mu = \sum n_p\mu_p / n`,
-    :math:`M_2 = \sum M_{2,p} + n_p(\mu_p - \mu)^2` (two passes over the parts, so nothing
-    cancels). A group of parts that hold no values merges to ``(0, 0, 0)``."""
+    r"""Merge groups of values along ``axis`` from their counts, means :math:`r_p + o_p` (a
+    reference and an offset, as the kernels return them) and sums of squared deviations, in
+    float64, into ``(n, mean, m2)``: with :math:`d_p = (r_p - r_q) + (o_p - o_q)` the deviation of
+    part :math:`p`'s mean from that of the largest part :math:`q`,
+    :math:`n = \sum n_p`, :math:`\bar d = \sum n_p d_p / n`, :math:`\mu = r_q + (o_q + \bar d)`
+    and :math:`M_2 = \sum M_{2,p} + n_p (d_p - \bar d)^2` (two passes over the parts, so nothing
+    cancels; the deviations carry no rounding of the means' size). A group of parts that hold
+    no values merges to ``(0, 0, 0)``."""
     n = counts.sum(axis=axis)
-    mean = (counts * means).sum(axis=axis) / np.maximum(n, 1.0)  # no values: (0, 0, 0)
-    deviation = means - np.expand_dims(mean, axis)
+    largest = np.expand_dims(np.argmax(counts, axis=axis), axis)
+    ref = np.take_along_axis(refs, largest, axis)
+    offset = np.take_along_axis(offsets, largest, axis)
+    d = (refs - ref) + (offsets - offset)
+    mean_d = (counts * d).sum(axis=axis) / np.maximum(n, 1.0)  # no values: (0, 0, 0)
+    deviation = d - np.expand_dims(mean_d, axis)
+    mean = np.squeeze(ref, axis) + (np.squeeze(offset, axis) + mean_d)
     return n, mean, (m2 + counts * deviation * deviation).sum(axis=axis)
 
 
@@ -165,7 +174,7 @@ def channel_train(
     def regroup(a: np.ndarray) -> np.ndarray:
         return a.reshape(groups, parts, channels, inner).transpose(0, 1, 3, 2).reshape(groups, -1, channels)
 
-    n, mean, m2 = merge_statistics(*(regroup(partial[:, :, k]) for k in range(3)), axis=1)
+    n, mean, m2 = merge_statistics(*(regroup(partial[:, :, k]) for k in range(4)), axis=1)
     var = np.maximum(m2 / n, 0.0)
     s, a, b = _coefficients(mean, var, eps, weight, bias, xc.dtype, batch_statistics=True)
     kernels.affine_columns(
@@ -234,7 +243,8 @@ the groups are small)."""
 
 def _layout(shape: tuple[int, ...], reduced: set[int]) -> tuple[int, int, int, int] | None:
     """``(G, A, C, B)``: ``shape`` (C-contiguous) with its reduced axes ``reduced`` merged into the
-    canonical four runs kept, reduced, kept, reduced (sizes of 1 dropped, missing runs 1), or
+    canonical four runs kept, reduced, kept, reduced (sizes of 1 dropped, missing runs 1: a
+    reduction over trailing axes is ``(G, 1, 1, B)``, over leading ones ``(1, A, C, 1)``), or
     ``None`` when the axes alternate more often than that."""
     runs: list[list[int]] = []  # [reduced?, size]
     for a, size in enumerate(shape):
@@ -245,18 +255,31 @@ def _layout(shape: tuple[int, ...], reduced: set[int]) -> tuple[int, int, int, i
             runs[-1][1] *= size
         else:
             runs.append([kind, size])
-    if runs and runs[0][0]:
+    if not runs or runs[0][0]:
         runs.insert(0, [0, 1])
-    if len(runs) > 4:
+    sizes = [size for _, size in runs]
+    if len(sizes) > 4:
         return None
-    sizes = [size for _, size in runs] + [1] * (4 - len(runs))
+    if len(sizes) == 1:  # nothing reduced (every reduced axis has size 1)
+        return sizes[0], 1, 1, 1
+    if len(sizes) == 2:  # kept, reduced: one contiguous run per group
+        return sizes[0], 1, 1, sizes[1]
+    if len(sizes) == 3:  # kept, reduced, kept: columns
+        return sizes[0], sizes[1], sizes[2], 1
     return sizes[0], sizes[1], sizes[2], sizes[3]
 
 
+LONG_RUN = 256
+"""Contiguous values per run from which statistics over many runs take the rows kernels (a
+float64 merge per run) rather than the columns ones (sums per column over blocks of rows, merged
+per block): measured on (8, 4096, 512) float32, group norm's columns path is faster up to runs of
+256 and its rows path from 512 on."""
+
+
 def _rows_layout(run: int, rows: int) -> bool:
-    """Whether statistics over ``rows`` runs of ``run`` contiguous values take the rows kernels
-    (long runs, or more values per run than runs) rather than the columns ones."""
-    return run >= MIN_ROW or run >= rows
+    """Whether statistics over ``rows`` runs of ``run`` contiguous values each take the rows
+    kernels (long runs, or at least as many values per run as runs) rather than the columns ones."""
+    return run >= LONG_RUN or run >= rows
 
 
 def _statistics(x4: np.ndarray, keep4: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -271,20 +294,22 @@ def _statistics(x4: np.ndarray, keep4: np.ndarray | None) -> tuple[np.ndarray, n
             partial = kernels.row_statistics(x4, parts)
         else:
             partial = kernels.row_statistics_masked(x4, keep4, parts)
-        return merge_statistics(partial[..., 0], partial[..., 1], partial[..., 2], axis=2)
+        return merge_statistics(*(partial[..., k] for k in range(4)), axis=2)
     shape3 = (groups, rows, channels * inner)
     block_rows = kernels.column_block_rows(channels * inner, x4.itemsize)
     parts = _parts(rows, groups, block_rows)
     if keep4 is None:
         partial = kernels.column_statistics(x4.reshape(shape3), parts, block_rows)
     else:
-        partial = kernels.column_statistics_masked(x4.reshape(shape3), keep4.reshape(shape3), parts, block_rows)
+        partial = kernels.column_statistics_masked(
+            x4.reshape(shape3), keep4.reshape(shape3), parts, block_rows
+        )
 
     # (G, parts, C·B) -> (G, parts·B, C): merge the row ranges and the B columns of a channel
     def regroup(a: np.ndarray) -> np.ndarray:
         return a.reshape(groups, parts, channels, inner).transpose(0, 1, 3, 2).reshape(groups, -1, channels)
 
-    return merge_statistics(*(regroup(partial[:, :, k]) for k in range(3)), axis=1)
+    return merge_statistics(*(regroup(partial[:, :, k]) for k in range(4)), axis=1)
 
 
 def moments(
@@ -415,7 +440,9 @@ def rms_norm(
     if weight is not None:
         scale = (np.asarray(weight, dtype=np.float64).reshape(size) + weight_offset).astype(xc.dtype)
     shape2 = (x.size // size, size)
-    kernels.rms_norm_rows(xc.reshape(shape2), np.ones(size, xc.dtype) if before else scale, eps, y.reshape(shape2))
+    kernels.rms_norm_rows(
+        xc.reshape(shape2), np.ones(size, xc.dtype) if before else scale, eps, y.reshape(shape2)
+    )
     if before:  # y is the private float32 copy: round x̂ to the input dtype, then apply w + o
         np.copyto(y, y.astype(x.dtype), casting="unsafe")
         np.multiply(y.reshape(shape2), scale, out=y.reshape(shape2))

@@ -22,7 +22,10 @@ Statistics (the same numerics in both layouts):
    nothing cancels; :math:`E[x^2]-E[x]^2` is never formed).
 3. Blocks merge in float64 by Chan et al.'s pairwise update:
    :math:`\delta = \mu_b - \mu`, :math:`\mu \mathrel{+}= \delta\,k/(n+k)`,
-   :math:`M_2 \mathrel{+}= M_{2,b} + \delta^2\,n k/(n+k)`, :math:`n \mathrel{+}= k`.
+   :math:`M_2 \mathrel{+}= M_{2,b} + \delta^2\,n k/(n+k)`, :math:`n \mathrel{+}= k`, on means
+   taken relative to the group's first provisional mean :math:`r` (:math:`\mu = r + o`), so that
+   δ carries no rounding of :math:`|\mu|` (a float64 mean of 1e4 is only known to 2e-12, which
+   δ² would carry into :math:`M_2`).
 
 The output is :math:`y = (x - s)\,a + b` per group, with :math:`s` the mean rounded to the
 compute dtype, :math:`a = \gamma/\sqrt{\sigma^2+\epsilon}` (0 for a constant group, which so
@@ -92,42 +95,60 @@ def _moments64(values):
 
 
 @_reduction
-def _merge_row(row, n, mean, m2):
-    """Merge the statistics of the contiguous 1-D ``row`` into the float64 ``(n, mean, m2)``."""
-    cast = row.dtype.type
+def _block_sums(block):
+    """``(shift, s1, s2)`` of the 1-D ``block`` in its dtype: the provisional mean ``shift`` and
+    the sums of ``d`` and ``d²`` for ``d = x - shift``, vectorized (the only code compiled with
+    reassociation: the merges that follow must round as written)."""
+    cast = block.dtype.type
     zero = cast(0.0)
-    for start in range(0, row.shape[0], ROW_BLOCK):
-        block = row[start : start + ROW_BLOCK]  # a slice: loops over range(k) vectorize
-        k = block.shape[0]
-        total = zero
-        for i in range(k):
-            total += block[i]
-        shift = total / cast(k)  # compute dtype (k <= ROW_BLOCK is exact)
-        s1 = zero
-        s2 = zero
-        for i in range(k):
-            d = block[i] - shift
-            s1 += d
-            s2 += d * d
-        if math.isfinite(s2):
-            block_mean = np.float64(shift) + np.float64(s1) / k
-            block_m2 = np.float64(s2) - np.float64(s1) * np.float64(s1) / k
-        else:  # float32 squares overflowed (|x| beyond about 1e19), or x holds inf/NaN
-            block_mean, block_m2 = _moments64(block)
-        merged = n + k
-        delta = block_mean - mean
-        mean += delta * (k / merged)
-        m2 += block_m2 + delta * delta * (n * k / merged)
-        n = merged
-    return n, mean, m2
+    k = block.shape[0]
+    total = zero
+    for i in range(k):
+        total += block[i]
+    shift = total / cast(k)  # compute dtype (k <= ROW_BLOCK is exact)
+    s1 = zero
+    s2 = zero
+    for i in range(k):
+        d = block[i] - shift
+        s1 += d
+        s2 += d * d
+    return shift, s1, s2
 
 
 @_jit
-def _scale_shift(mean, var, eps, gamma, beta, rounded):
-    """``(a, b)`` in float64 for ``y = (x - rounded) * a + b`` where ``rounded`` is the mean in the
-    compute dtype; ``a = 0`` for a constant group."""
+def _merge_row(row, n, offset, m2, ref):
+    """Merge the statistics of the contiguous 1-D ``row`` into the float64 ``(n, offset, m2)`` of
+    values whose mean is ``ref + offset``; returns ``(n, offset, m2, ref)``. ``ref`` is the first
+    block's provisional mean (set when ``n`` is 0): the merges work on deviations from it, so
+    their rounding scales with the spread of the values, not with their mean (a float64 mean of
+    1e4 is only known to 2e-12, which Chan's δ² term would carry into M2)."""
+    for start in range(0, row.shape[0], ROW_BLOCK):
+        block = row[start : start + ROW_BLOCK]  # a slice: loops over range(k) vectorize
+        k = block.shape[0]
+        shift, s1, s2 = _block_sums(block)
+        if n == 0.0:
+            ref = np.float64(shift)
+        if math.isfinite(s2):
+            block_offset = (np.float64(shift) - ref) + np.float64(s1) / k
+            block_m2 = np.float64(s2) - np.float64(s1) * np.float64(s1) / k
+        else:  # float32 squares overflowed (|x| beyond about 1e19), or x holds inf/NaN
+            block_mean, block_m2 = _moments64(block)
+            block_offset = block_mean - ref
+        merged = n + k
+        delta = block_offset - offset
+        offset += delta * (k / merged)
+        m2 += block_m2 + delta * delta * (n * k / merged)
+        n = merged
+    return n, offset, m2, ref
+
+
+@_jit
+def _scale_shift(ref, offset, var, eps, gamma, beta, rounded):
+    """``(a, b)`` in float64 for ``y = (x - rounded) * a + b`` where ``rounded`` is the mean
+    ``ref + offset`` in the compute dtype (``(ref - rounded) + offset`` keeps the mean's low part);
+    ``a = 0`` for a constant group."""
     a = 0.0 if var == 0.0 else gamma / math.sqrt(var + eps)
-    return a, beta - (mean - np.float64(rounded)) * a
+    return a, beta - ((ref - np.float64(rounded)) + offset) * a
 
 
 @_parallel
@@ -143,15 +164,17 @@ def normalize_rows(x, weight, bias, eps, y, mean, var):
         g = task // channels
         c = task % channels
         n = 0.0
-        mu = 0.0
+        offset = 0.0
         m2 = 0.0
+        ref = 0.0
         for r in range(rows):
-            n, mu, m2 = _merge_row(x[g, r, c], n, mu, m2)
+            n, offset, m2, ref = _merge_row(x[g, r, c], n, offset, m2, ref)
         sigma2 = max(m2 / n, 0.0)
+        mu = ref + offset
         mean[g, c] = mu
         var[g, c] = sigma2
         s = cast(mu)
-        a, b = _scale_shift(mu, sigma2, eps, weight[c], bias[c], s)
+        a, b = _scale_shift(ref, offset, sigma2, eps, weight[c], bias[c], s)
         a_c = cast(a)
         b_c = cast(b)
         for r in range(rows):
@@ -207,11 +230,13 @@ def _column_block(block, shift, s1, s2):
 @_parallel
 def column_statistics(x, parts, block_rows):
     """Per-part statistics of the columns layout ``(G, A, C)``: each sample's rows are cut
-    into ``parts`` ranges; returns float64 ``(G, parts, 3, C)`` holding, per range and column,
-    the count, the mean and the sum of squared deviations (merge them with
-    :func:`merge_parts`)."""
+    into ``parts`` ranges; returns float64 ``(G, parts, 4, C)`` holding, per range and column,
+    the count, a reference ``r`` (the first block's provisional mean), the mean's offset ``o``
+    from it (the mean is ``r + o``, kept apart so that a merge loses nothing to the rounding of
+    the mean) and the sum of squared deviations (merge them with
+    :func:`normkit.numpy_backend.compiled.merge_statistics`)."""
     groups, rows, channels = x.shape
-    result = np.zeros((groups, parts, 3, channels))
+    result = np.zeros((groups, parts, 4, channels))
     for task in numba.prange(groups * parts):
         g = task // parts
         p = task % parts
@@ -220,25 +245,30 @@ def column_statistics(x, parts, block_rows):
         shift = np.empty(channels, x.dtype)
         s1 = np.empty(channels, x.dtype)
         s2 = np.empty(channels, x.dtype)
-        mean = result[g, p, 1]
-        m2 = result[g, p, 2]
+        ref = result[g, p, 1]  # per column, as in _merge_row: the first block's shift
+        offset = result[g, p, 2]  # the mean is ref + offset
+        m2 = result[g, p, 3]
         n = 0.0
         for start in range(first, last, block_rows):
             block = x[g, start : min(start + block_rows, last)]
             _column_block(block, shift, s1, s2)
             k = block.shape[0]
+            if n == 0.0:
+                for c in range(channels):
+                    ref[c] = np.float64(shift[c])
             merged = n + k
             inv_k = 1.0 / k
             w_mean = k / merged
             w_m2 = n * k / merged
             for c in range(channels):
                 d1 = np.float64(s1[c])
-                block_mean = np.float64(shift[c]) + d1 * inv_k
+                block_offset = (np.float64(shift[c]) - ref[c]) + d1 * inv_k
                 block_m2 = np.float64(s2[c]) - d1 * d1 * inv_k
                 if not math.isfinite(block_m2):  # float32 squares overflowed, or inf/NaN
                     block_mean, block_m2 = _moments64(block[:, c])
-                delta = block_mean - mean[c]
-                mean[c] += delta * w_mean
+                    block_offset = block_mean - ref[c]
+                delta = block_offset - offset[c]
+                offset[c] += delta * w_mean
                 m2[c] += block_m2 + delta * delta * w_m2
             n = merged
         result[g, p, 0, :] = n
@@ -273,11 +303,11 @@ def layer_norm_rows(x, weight, bias, eps, y):
     for r in numba.prange(rows):
         src = x[r]
         dst = y[r]
-        n, mu, m2 = _merge_row(src, 0.0, 0.0, 0.0)
+        n, offset, m2, ref = _merge_row(src, 0.0, 0.0, 0.0, 0.0)
         sigma2 = max(m2 / n, 0.0)
         inverse = 0.0 if sigma2 == 0.0 else 1.0 / math.sqrt(sigma2 + eps)
-        s = cast(mu)
-        correction = cast((mu - np.float64(s)) * inverse)
+        s = cast(ref + offset)
+        correction = cast(((ref - np.float64(s)) + offset) * inverse)
         inv = cast(inverse)
         for i in range(size):
             dst[i] = ((src[i] - s) * inv - correction) * weight[i] + bias[i]
@@ -306,40 +336,51 @@ def _moments64_masked(values, keep):
 
 
 @_reduction
-def _merge_row_masked(row, keep, n, mean, m2):
+def _block_sums_masked(block, kept):
+    """``(k, shift, s1, s2)``: :func:`_block_sums` over the values of ``block`` where ``kept`` is
+    true (``k`` of them; the sums are 0 when ``k`` is 0)."""
+    cast = block.dtype.type
+    zero = cast(0.0)
+    k = 0
+    total = zero
+    for i in range(block.shape[0]):
+        if kept[i]:
+            total += block[i]
+            k += 1
+    shift = total / cast(max(k, 1))
+    s1 = zero
+    s2 = zero
+    for i in range(block.shape[0]):
+        d = block[i] - shift if kept[i] else zero
+        s1 += d
+        s2 += d * d
+    return k, shift, s1, s2
+
+
+@_jit
+def _merge_row_masked(row, keep, n, offset, m2, ref):
     """:func:`_merge_row` over the values of ``row`` where ``keep`` (same length) is true; the
     others are never read into a sum (a NaN there does not count)."""
-    cast = row.dtype.type
-    zero = cast(0.0)
     for start in range(0, row.shape[0], ROW_BLOCK):
         block = row[start : start + ROW_BLOCK]
         kept = keep[start : start + ROW_BLOCK]
-        k = 0
-        total = zero
-        for i in range(block.shape[0]):
-            if kept[i]:
-                total += block[i]
-                k += 1
+        k, shift, s1, s2 = _block_sums_masked(block, kept)
         if k == 0:
             continue
-        shift = total / cast(k)
-        s1 = zero
-        s2 = zero
-        for i in range(block.shape[0]):
-            d = block[i] - shift if kept[i] else zero
-            s1 += d
-            s2 += d * d
+        if n == 0.0:
+            ref = np.float64(shift)
         if math.isfinite(s2):
-            block_mean = np.float64(shift) + np.float64(s1) / k
+            block_offset = (np.float64(shift) - ref) + np.float64(s1) / k
             block_m2 = np.float64(s2) - np.float64(s1) * np.float64(s1) / k
         else:
             block_mean, block_m2 = _moments64_masked(block, kept)
+            block_offset = block_mean - ref
         merged = n + k
-        delta = block_mean - mean
-        mean += delta * (k / merged)
+        delta = block_offset - offset
+        offset += delta * (k / merged)
         m2 += block_m2 + delta * delta * (n * k / merged)
         n = merged
-    return n, mean, m2
+    return n, offset, m2, ref
 
 
 @_jit
@@ -351,58 +392,65 @@ def _part_bounds(total, parts, p):
 def row_statistics(x, parts):
     """Statistics of the rows layout ``(G, A, C, B)`` without a mask: group ``(g, c)`` is the
     ``A·B`` values ``x[g, :, c, :]``, cut into ``parts`` consecutive ranges (one parallel task
-    each, so that few groups still use every thread). Returns float64 ``(G, C, parts, 3)``:
-    per range the count, the mean and the sum of squared deviations (merge them with
+    each, so that few groups still use every thread). Returns float64 ``(G, C, parts, 4)``:
+    per range the count, the reference ``r`` and offset ``o`` of the mean ``r + o`` (see
+    :func:`column_statistics`) and the sum of squared deviations (merge them with
     :func:`normkit.numpy_backend.compiled.merge_statistics`)."""
     groups, rows, channels, inner = x.shape
     total = rows * inner
-    result = np.zeros((groups, channels, parts, 3))
+    result = np.zeros((groups, channels, parts, 4))
     for task in numba.prange(groups * channels * parts):
         p = task % parts
         c = (task // parts) % channels
         g = task // (parts * channels)
         first, last = _part_bounds(total, parts, p)
         n = 0.0
-        mu = 0.0
+        offset = 0.0
         m2 = 0.0
+        ref = 0.0
         i = first
         while i < last:
             r = i // inner
             start = i - r * inner
             stop = min(inner, start + (last - i))
-            n, mu, m2 = _merge_row(x[g, r, c, start:stop], n, mu, m2)
+            n, offset, m2, ref = _merge_row(x[g, r, c, start:stop], n, offset, m2, ref)
             i += stop - start
         result[g, c, p, 0] = n
-        result[g, c, p, 1] = mu
-        result[g, c, p, 2] = m2
+        result[g, c, p, 1] = ref
+        result[g, c, p, 2] = offset
+        result[g, c, p, 3] = m2
     return result
 
 
 @_parallel
 def row_statistics_masked(x, keep, parts):
     """:func:`row_statistics` over the values where the boolean ``keep`` (``x``'s layout) is
-    true; a range with nothing kept is ``(0, 0, 0)``."""
+    true; a range with nothing kept is all 0."""
     groups, rows, channels, inner = x.shape
     total = rows * inner
-    result = np.zeros((groups, channels, parts, 3))
+    result = np.zeros((groups, channels, parts, 4))
     for task in numba.prange(groups * channels * parts):
         p = task % parts
         c = (task // parts) % channels
         g = task // (parts * channels)
         first, last = _part_bounds(total, parts, p)
         n = 0.0
-        mu = 0.0
+        offset = 0.0
         m2 = 0.0
+        ref = 0.0
         i = first
         while i < last:
             r = i // inner
             start = i - r * inner
             stop = min(inner, start + (last - i))
-            n, mu, m2 = _merge_row_masked(x[g, r, c, start:stop], keep[g, r, c, start:stop], n, mu, m2)
+            n, offset, m2, ref = _merge_row_masked(
+                x[g, r, c, start:stop], keep[g, r, c, start:stop], n, offset, m2, ref
+            )
             i += stop - start
         result[g, c, p, 0] = n
-        result[g, c, p, 1] = mu
-        result[g, c, p, 2] = m2
+        result[g, c, p, 1] = ref
+        result[g, c, p, 2] = offset
+        result[g, c, p, 3] = m2
     return result
 
 
@@ -441,10 +489,10 @@ def _column_block_masked(block, keep, count, shift, s1, s2):
 @_parallel
 def column_statistics_masked(x, keep, parts, block_rows):
     """:func:`column_statistics` over the values where the boolean ``keep`` (``x``'s layout
-    ``(G, A, C)``) is true: float64 ``(G, parts, 3, C)`` with a count per column; a column of a
-    range with nothing kept is ``(0, 0, 0)``."""
+    ``(G, A, C)``) is true: float64 ``(G, parts, 4, C)`` with a count per column; a column of a
+    range with nothing kept is all 0."""
     groups, rows, channels = x.shape
-    result = np.zeros((groups, parts, 3, channels))
+    result = np.zeros((groups, parts, 4, channels))
     for task in numba.prange(groups * parts):
         g = task // parts
         p = task % parts
@@ -454,8 +502,9 @@ def column_statistics_masked(x, keep, parts, block_rows):
         s1 = np.empty(channels, x.dtype)
         s2 = np.empty(channels, x.dtype)
         n = result[g, p, 0]
-        mean = result[g, p, 1]
-        m2 = result[g, p, 2]
+        ref = result[g, p, 1]  # per column: the first kept block's shift (see _merge_row)
+        offset = result[g, p, 2]  # the mean is ref + offset
+        m2 = result[g, p, 3]
         for start in range(first, last, block_rows):
             stop = min(start + block_rows, last)
             block = x[g, start:stop]
@@ -465,14 +514,17 @@ def column_statistics_masked(x, keep, parts, block_rows):
                 k = count[c]
                 if k == 0:
                     continue
+                if n[c] == 0.0:
+                    ref[c] = np.float64(shift[c])
                 d1 = np.float64(s1[c])
-                block_mean = np.float64(shift[c]) + d1 / k
+                block_offset = (np.float64(shift[c]) - ref[c]) + d1 / k
                 block_m2 = np.float64(s2[c]) - d1 * d1 / k
                 if not math.isfinite(block_m2):
                     block_mean, block_m2 = _moments64_masked(block[:, c], kept[:, c])
+                    block_offset = block_mean - ref[c]
                 merged = n[c] + k
-                delta = block_mean - mean[c]
-                mean[c] += delta * (k / merged)
+                delta = block_offset - offset[c]
+                offset[c] += delta * (k / merged)
                 m2[c] += block_m2 + delta * delta * (n[c] * k / merged)
                 n[c] = merged
     return result
@@ -499,14 +551,15 @@ def group_norm_rows(x, weight, bias, eps, inner, y):
         sample = task // groups
         g = task % groups
         n = 0.0
-        mu = 0.0
+        offset = 0.0
         m2 = 0.0
+        ref = 0.0
         for r in range(rows):
-            n, mu, m2 = _merge_row(x[sample, r, g], n, mu, m2)
+            n, offset, m2, ref = _merge_row(x[sample, r, g], n, offset, m2, ref)
         sigma2 = max(m2 / n, 0.0)
         inverse = 0.0 if sigma2 == 0.0 else 1.0 / math.sqrt(sigma2 + eps)
-        s = cast(mu)
-        offset = mu - np.float64(s)
+        s = cast(ref + offset)
+        residual = (ref - np.float64(s)) + offset  # the mean minus s, with the mean's low part
         first = g * per_group
         if inner >= GROUP_INNER:
             for r in range(rows):
@@ -515,7 +568,7 @@ def group_norm_rows(x, weight, bias, eps, inner, y):
                 for ci in range(per_group):
                     a = inverse * weight[first + ci]
                     a_c = cast(a)
-                    b_c = cast(bias[first + ci] - offset * a)
+                    b_c = cast(bias[first + ci] - residual * a)
                     run = src[ci * inner : (ci + 1) * inner]
                     out = dst[ci * inner : (ci + 1) * inner]
                     for i in range(inner):
@@ -526,7 +579,7 @@ def group_norm_rows(x, weight, bias, eps, inner, y):
             for ci in range(per_group):
                 a = inverse * weight[first + ci]
                 a_c = cast(a)
-                b_c = cast(bias[first + ci] - offset * a)
+                b_c = cast(bias[first + ci] - residual * a)
                 for i in range(ci * inner, (ci + 1) * inner):
                     scale[i] = a_c
                     shift[i] = b_c

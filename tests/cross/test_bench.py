@@ -1,57 +1,127 @@
-"""``normkit bench`` cannot time a backend against itself: for every torch and tensorflow
-workload, the native callable runs none of normkit's code and normkit's callable does.
+"""``normkit bench`` cannot time a backend against itself, and times what it says it times.
 
-(A native named like the backend once overwrote normkit's own op in the table of timed calls,
-and every torch row read 1.00x.)"""
+* For every workload (shrunk to a tiny input) on the numpy, torch and tensorflow backends, the
+  native callables run none of normkit's code and normkit's callables do. Any Python function
+  defined in normkit, ``normkit_torch`` or ``normkit_tensorflow`` counts (the bench's own
+  modules aside, which hold the callables): a profiler sees every call, whichever internal
+  function the layers and kernels happen to use. (A native named like the backend once
+  overwrote normkit's own op in the table of timed calls, and every torch row read 1.00x.)
+* Every implementation timed on the group norm and RMS norm workloads, normkit's and each
+  native, computes the workload's op: its output on the bench's input matches the float64
+  reference within the output tolerance of its dtype.
+* A job in which two labels share one callable is refused, for the new workloads too.
+* The targets of issue 12 are judged per row and shown as met, missed or not applicable.
+"""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import normkit
-from normkit import bench
+from normkit import bench, reference
+from normkit import bench_baselines as baselines
+from normkit.testing.tolerances import EPS, assert_within, centering_gain, output_tolerance
 
 pytest.importorskip("normkit_torch")
 pytest.importorskip("normkit_tensorflow")
 
-TINY = tuple(w for w in bench.WORKLOADS if w.name == "tiny" or (w.module and w.name.endswith("-tiny")))
+import normkit_tensorflow
+import normkit_torch
+
+NEW_OPS = ("group_norm", "rms_norm")
 
 
-def _patch_normkit(monkeypatch: pytest.MonkeyPatch, running: list[str], made: list[tuple[str, str]]) -> None:
-    """Record, with the label being timed, every call into normkit: its functional ops and the
-    kernels of the torch and Keras layers (TensorFlow runs Python only while tracing, so the
-    calls are recorded as they happen, during the first calls of the run)."""
-    import normkit_tensorflow.kernels
-    import normkit_torch.kernels
-
-    for module in (normkit, normkit_torch.kernels, normkit_tensorflow.kernels):
-        for op in ("batch_norm", "instance_norm", "layer_norm"):
-            original = getattr(module, op)
-
-            @functools.wraps(original)  # the same signature: plugins register kernels as hooks
-            def counting(*args: Any, _original: Any = original, _name: str = op, **kwargs: Any) -> Any:
-                made.append((running[-1], _name))
-                return _original(*args, **kwargs)
-
-            monkeypatch.setattr(module, op, counting)
+def _tiny(workload: bench.Workload) -> bench.Workload:
+    """The workload on a tiny input: its op, dtype, axis, groups, targets and kind kept; every
+    axis cut to 3, the channel (group norm) or normalized (RMS norm) axis to at most 64, which
+    the workloads' group counts (32, 4) still divide; one call per sample."""
+    rank = len(workload.shape)
+    keep = workload.axis % rank if workload.op == "group_norm" else rank - 1
+    shape = tuple(min(d, 64) if i == keep else min(d, 3) for i, d in enumerate(workload.shape))
+    return dataclasses.replace(workload, shape=shape, repeats=1)
 
 
-@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
-def test_natives_run_no_normkit_code_and_normkit_rows_do(
-    backend: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    running, made = ["(none)"], []
-    _patch_normkit(monkeypatch, running, made)
+TINY_OLD = tuple(
+    w
+    for w in bench.WORKLOADS
+    if w.name == "tiny" or (w.module and w.name.endswith("-tiny") and w.op not in NEW_OPS)
+)
+TINY_NEW = tuple(_tiny(w) for w in bench.WORKLOADS if w.op in NEW_OPS)
+
+
+def test_the_new_workloads_are_issue_12s() -> None:
+    """The shapes, groups and layouts issue 12 names, each a workload of the bench."""
+    by_name = {w.name: w for w in bench.WORKLOADS}
+    gn, gn_last = by_name["gn-nchw"], by_name["gn-nhwc"]
+    assert (gn.op, gn.shape, gn.num_groups, gn.axis) == ("group_norm", (32, 256, 28, 28), 32, 1)
+    # (8, 512, 64, 64) channels-last: the same memory as (N, H, W, C), channels on the last axis
+    assert (gn_last.op, gn_last.shape, gn_last.num_groups, gn_last.axis) == (
+        "group_norm",
+        (8, 64, 64, 512),
+        32,
+        -1,
+    )
+    assert (by_name["rms-4096"].op, by_name["rms-4096"].shape) == ("rms_norm", (4096, 4096))
+    assert (by_name["rms-768"].op, by_name["rms-768"].shape) == ("rms_norm", (64, 512, 768))
+    for name in ("gn-nchw", "gn-nhwc", "rms-4096", "rms-768"):
+        w = by_name[name]
+        assert w.dtype == "float32" and w.modes == ("train",) and w.with_out
+        assert w.targets == bench.ISSUE_12_TARGETS
+    assert {w.name for w in bench.WORKLOADS if w.module and w.op in NEW_OPS} == {
+        "gn-module",
+        "gn-module-tiny",
+        "rms-module",
+        "rms-module-tiny",
+    }
+    with pytest.raises(ValueError, match="num_groups"):
+        bench.Workload("gn", "group_norm", (2, 4))
+    with pytest.raises(ValueError, match="3 groups do not divide 4"):
+        bench.Workload("gn", "group_norm", (2, 4), num_groups=3)
+
+
+# --- which code each timed callable runs --------------------------------------------------------
+
+_ROOTS = tuple(str(Path(m.__file__).parent) + os.sep for m in (normkit, normkit_torch, normkit_tensorflow))
+_BENCH_FILES = {str(Path(bench.__file__)), str(Path(baselines.__file__))}
+
+
+@contextmanager
+def _normkit_calls(running: list[str], made: set[str]) -> Iterator[None]:
+    """Record in ``made`` the label being timed (``running[-1]``, when one is) whenever a Python
+    function of normkit's packages is called, the bench's own modules aside."""
+    previous = sys.getprofile()
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and len(running) > 1:
+            filename = frame.f_code.co_filename
+            if filename.startswith(_ROOTS) and filename not in _BENCH_FILES:
+                made.add(running[-1])
+
+    sys.setprofile(profile)
+    try:
+        yield
+    finally:
+        sys.setprofile(previous)
+
+
+def _labelled_timing(monkeypatch: pytest.MonkeyPatch, running: list[str]) -> list[list[str]]:
+    """Make every job's callables push ``"<job>/<label>"`` on ``running`` while they run (the
+    warm-up calls too: TensorFlow runs Python only while tracing) and time one call per sample;
+    returns the labels of each job, as they are timed."""
     labels: list[list[str]] = []
     original = bench._time_interleaved
 
     def spy(calls: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1) -> dict[str, list[float]]:
         labels.append(list(calls))
-
         job = len(labels) - 1
 
         def labelled(label: str, call: Callable[[], Any]) -> Callable[[], Any]:
@@ -67,18 +137,248 @@ def test_natives_run_no_normkit_code_and_normkit_rows_do(
         return original({label: labelled(label, call) for label, call in calls.items()}, rounds, 1)
 
     monkeypatch.setattr(bench, "_time_interleaved", spy)
-    results = bench.run_bench([backend], TINY, rounds=2)
-    assert {r.workload for r in results} == {w.name for w in TINY}
+    return labels
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "tensorflow"])
+def test_natives_run_no_normkit_code_and_normkit_rows_do(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running, made = ["(none)"], set()
+    labels = _labelled_timing(monkeypatch, running)
+    workloads = tuple(w for w in TINY_OLD + TINY_NEW if not w.module or backend != "numpy")
+    with _normkit_calls(running, made):
+        results = bench.run_bench([backend], workloads, rounds=2)
+    assert {r.workload for r in results} == {w.name for w in workloads}  # every module workload ran
     assert all(r.native is not None for r in results)
     assert len(labels) == len({(r.workload, r.mode) for r in results})
-    ran = {label for label, _ in made}  # "<job>/<label>" of every callable that ran normkit's code
     for job, job_labels in enumerate(labels):
         natives = [label for label in job_labels if label.startswith(bench.NATIVE)]
-        assert natives and bench.NORMKIT + backend in job_labels
-        assert not ran.intersection(f"{job}/{label}" for label in natives), (
+        mine = [label for label in job_labels if label.startswith(bench.NORMKIT)]
+        assert natives and bench.NORMKIT + backend in mine
+        assert not made.intersection(f"{job}/{label}" for label in natives), (
             f"job {job}: a native ran normkit's code"
         )
-        assert f"{job}/{bench.NORMKIT}{backend}" in ran, (
-            f"job {job}: normkit's row ran none of normkit's code"
-        )
-    assert {label.split("/", 1)[1] for label in ran} == {bench.NORMKIT + backend}
+        assert f"{job}/{bench.FLOOR}" not in made, f"job {job}: the floor ran normkit's code"
+        for label in mine:
+            assert f"{job}/{label}" in made, f"job {job}: {label} ran none of normkit's code"
+    assert {label.split("/", 1)[1] for label in made} <= {
+        label for job in labels for label in job if label.startswith(bench.NORMKIT)
+    }
+
+
+# --- what each timed callable computes ----------------------------------------------------------
+
+
+def _array(y: Any) -> np.ndarray:
+    """A result of any framework as float64 NumPy (a torch tensor may require grad)."""
+    if hasattr(y, "detach"):
+        y = y.detach().cpu()
+    if not isinstance(y, np.ndarray):
+        y = y.numpy()  # torch.Tensor, tf.Tensor
+    return np.array(y, dtype=np.float64)
+
+
+def _framework_eps(workload: bench.Workload, backend: str) -> float:
+    """The ε of the layers a module workload times: the frameworks' own defaults, read from
+    their layers (``torch.nn.RMSNorm``'s ``None`` is float32's machine epsilon); the functional
+    rows all get :data:`normkit.bench_baselines.EPS`."""
+    if not workload.module:
+        return baselines.EPS
+    if backend == "torch":
+        from torch import nn
+
+        eps = nn.GroupNorm(1, 1).eps if workload.op == "group_norm" else nn.RMSNorm(1).eps
+        return EPS[workload.dtype] if eps is None else eps
+    import keras
+
+    layer = (
+        keras.layers.GroupNormalization(groups=1)
+        if workload.op == "group_norm"
+        else keras.layers.RMSNormalization()
+    )
+    return layer.epsilon
+
+
+def _check_output(workload: bench.Workload, backend: str, label: str, y: Any) -> None:
+    """``y`` against the float64 reference of the workload's op on the bench's input (weight 1,
+    bias 0, as every implementation is given): within the output tolerance of the dtype, with
+    group norm's centering term for the groups' own means."""
+    x = bench.workload_input(workload).astype(np.float64)
+    axis = workload.axis % x.ndim
+    got = _array(y)
+    if got.shape != x.shape:  # PyTorch's logical (N, C, ...) view of channels-last memory
+        got = np.moveaxis(got, 1, axis)
+    eps = _framework_eps(workload, backend)
+    gain = 0.0
+    if workload.op == "group_norm":
+        expected = reference.group_norm(x, workload.num_groups, None, None, eps=eps, axis=axis)
+        grouped = np.moveaxis(x, axis, 1).reshape(x.shape[0], workload.num_groups, -1)
+        gain = centering_gain(grouped.mean(axis=-1), grouped.var(axis=-1), eps)
+    else:
+        expected = reference.rms_norm(x, None, axes=(x.ndim - 1,), eps=eps)
+    tolerance = output_tolerance(workload.dtype, centering_gain=gain)
+    assert_within(
+        np.abs(got - expected), tolerance.bound(expected, 0.0), f"{workload.name} on {backend}: {label}"
+    )
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "tensorflow"])
+def test_every_implementation_timed_on_the_new_workloads_computes_the_op(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked: list[tuple[str, str]] = []
+    current: list[bench.Workload] = []
+    original = bench._time_interleaved
+
+    def spy(calls: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1) -> dict[str, list[float]]:
+        for label, call in calls.items():
+            if label != bench.FLOOR:
+                _check_output(current[-1], backend, label, call())
+                checked.append((current[-1].name, label))
+        return original(calls, rounds, 1)
+
+    monkeypatch.setattr(bench, "_time_interleaved", spy)
+    for workload in TINY_NEW:
+        if workload.module and backend == "numpy":
+            continue
+        current.append(workload)
+        results = bench.run_bench([backend], (workload,), rounds=2)
+        assert results and {r.workload for r in results} == {workload.name}
+    natives = {"numpy": ["torch"], "torch": ["torch"], "tensorflow": ["keras", "tf.nn"]}[backend]
+    mine = {"numpy": ["numpy", "numpy-out", "numpy-pure"]}.get(backend, [backend])
+    for workload in TINY_NEW:
+        if workload.module:
+            expected = (
+                []
+                if backend == "numpy"
+                else [bench.NORMKIT + backend, bench.NATIVE + ("torch.nn" if backend == "torch" else "keras")]
+            )
+        else:
+            expected = [bench.NORMKIT + m for m in mine] + [bench.NATIVE + n for n in natives]
+        assert sorted(label for name, label in checked if name == workload.name) == sorted(expected)
+
+
+def test_the_numpy_rows_of_the_new_workloads_include_out_and_are_judged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``numpy-out`` writes into one preallocated array on every call; the issue's targets are
+    judged on the rows they name and only there."""
+    outputs: list[Any] = []
+    original = bench._time_interleaved
+
+    def spy(calls: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1) -> dict[str, list[float]]:
+        if bench.NORMKIT + "numpy-out" in calls:
+            outputs.extend(calls[bench.NORMKIT + "numpy-out"]() for _ in range(2))
+        return original(calls, rounds, 1)
+
+    monkeypatch.setattr(bench, "_time_interleaved", spy)
+    workload = next(w for w in TINY_NEW if w.name == "rms-768")
+    results = bench.run_bench(["numpy", "torch"], (workload,), rounds=2)
+    assert outputs[0] is outputs[1] and isinstance(outputs[0], np.ndarray)
+    judged = {r.backend: r.targets for r in results}
+    assert set(judged) == {"numpy", "numpy-out", "numpy-pure", "torch"}
+    assert [(t["yardstick"], t["limit"]) for t in judged["numpy"]] == [("native", 1.0)]
+    assert [(t["yardstick"], t["limit"]) for t in judged["numpy-out"]] == [("floor", 1.3)]
+    assert [(t["yardstick"], t["limit"]) for t in judged["torch"]] == [("native", 1.05)]
+    assert judged["numpy-pure"] == []
+    by_backend = {r.backend: r for r in results}
+    assert judged["numpy-out"][0]["ratio"] == by_backend["numpy-out"].ratio_to_floor
+    assert judged["torch"][0]["met"] == (by_backend["torch"].ratio_to_native <= 1.05)
+
+
+# --- a callable is never timed against itself ---------------------------------------------------
+
+
+def test_a_native_that_is_the_floor_is_refused_on_the_new_workloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    shared: list[Callable[[], Any]] = []
+    build_natives = baselines.build_natives
+
+    def natives(*args: Any) -> dict[str, Callable[[], Any]]:
+        built = build_natives(*args)
+        shared.append(built["torch"])
+        return built
+
+    monkeypatch.setattr(baselines, "build_natives", natives)
+    monkeypatch.setattr(baselines, "floor", lambda framework, x: shared[-1])
+    for workload in (w for w in TINY_NEW if not w.module):
+        with pytest.raises(ValueError, match="'native:torch' and 'floor' are the same callable"):
+            bench.run_bench(["numpy"], (workload,), rounds=2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_a_layer_timed_as_its_own_native_is_refused(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    build_modules = baselines.build_modules
+
+    def itself(*args: Any) -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
+        mine, natives = build_modules(*args)
+        return mine, {name: mine for name in natives}
+
+    monkeypatch.setattr(baselines, "build_modules", itself)
+    for workload in (w for w in TINY_NEW if w.module):
+        with pytest.raises(ValueError, match="are the same callable: it would be timed against itself"):
+            bench.run_bench([backend], (workload,), rounds=2)
+
+
+# --- targets ------------------------------------------------------------------------------------
+
+
+def _row(
+    backend: str, native: str | None, to_native: float | None, to_floor: float, threads: int | None = 2
+) -> bench.BenchResult:
+    return bench.BenchResult(
+        workload="gn-nchw", shape=(32, 256, 28, 28), dtype="float32", mode="train", backend=backend,
+        native=native, normkit_ms=1.0, native_ms=None if native is None else 1.0, floor_ms=1.0,
+        ratio_to_native=to_native, ratio_to_floor=to_floor, overhead_us=None, noise=0.01, rounds=2,
+        extra={} if threads is None else {"torch_threads": threads},
+    )  # fmt: skip
+
+
+def test_targets_are_judged_against_the_issues_limits() -> None:
+    targets = bench.ISSUE_12_TARGETS
+    rows = [
+        _row("numpy", "torch", 1.0, 2.0),  # at the limit: met; no floor target on this row
+        _row("numpy", "torch", 1.01, 0.5),
+        _row("numpy", "torch", 0.5, 0.5, threads=16),  # the issue states 2 PyTorch threads
+        _row("numpy-out", "torch", 3.0, 1.3),
+        _row("numpy-out", "torch", 0.5, 1.31),
+        _row("numpy-pure", "torch", 9.0, 9.0),
+        _row("torch", "torch", 1.05, 9.0),
+        _row("torch", "torch", 1.06, 1.0),
+        _row("tensorflow", "keras", 9.0, 9.0),
+    ]
+    for row in rows:
+        row.targets = bench.judge_targets(targets, row)
+    verdicts = [[(t["yardstick"], t["limit"], t["met"]) for t in row.targets] for row in rows]
+    assert verdicts == [
+        [("native", 1.0, True)],
+        [("native", 1.0, False)],
+        [("native", 1.0, None)],
+        [("floor", 1.3, True)],
+        [("floor", 1.3, False)],
+        [],
+        [("native", 1.05, True)],
+        [("native", 1.05, False)],
+        [],
+    ]
+    cells = [line.rsplit("  ", 1)[-1].strip() for line in bench.format_table(rows).splitlines()[1:]]
+    assert cells[:5] == [
+        "native ≤ 1.00 ✓",
+        "native ≤ 1.00 ✗",
+        "native ≤ 1.00 n/a (stated for 2 torch threads)",
+        "floor ≤ 1.30 ✓",
+        "floor ≤ 1.30 ✗",
+    ]
+    assert bench.format_table(rows).splitlines()[0].split()[-1] == "target"
+    assert bench.format_table(rows, markdown=True).splitlines()[0].endswith("| noise | target |")
+    misses = bench.target_misses(rows)
+    assert misses == (
+        "targets missed in 3 row(s): gn-nchw train on numpy: x native 1.01 > 1.00 (issue 12); "
+        "gn-nchw train on numpy-out: x floor 1.31 > 1.30 (issue 12); "
+        "gn-nchw train on torch: x native 1.06 > 1.05 (issue 12)"
+    )
+
+
+def test_tables_without_targets_keep_their_columns() -> None:
+    row = _row("numpy", "torch", 1.0, 1.0)
+    assert "target" not in bench.format_table([row]) and bench.target_misses([row]) is None
