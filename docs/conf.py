@@ -19,6 +19,7 @@ release = normkit.__version__
 extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.mathjax", "normkit_cases"]
 source_suffix = {".md": "markdown"}
 myst_enable_extensions = ["dollarmath", "colon_fence"]
+myst_heading_anchors = 3  # [masks](statistics.md#masks) links to a section
 exclude_patterns = ["_build", "_generated/*.md"]
 html_theme = "furo"
 html_title = f"normkit {release}"
