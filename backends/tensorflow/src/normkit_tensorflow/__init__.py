@@ -26,9 +26,22 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNormalization", "InstanceNormalization", "LayerNormalization", "__version__"]
+__all__ = [
+    "BatchNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "RMSNormalization",
+    "__version__",
+]
 
-_LAYERS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization")
+_LAYERS = (
+    "BatchNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "RMSNormalization",
+)
 
 
 def __getattr__(name: str) -> Any:

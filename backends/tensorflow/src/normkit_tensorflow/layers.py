@@ -1,16 +1,23 @@
 r"""Keras 3 layers on normkit's TensorFlow kernels.
 
-``normkit_tensorflow.BatchNormalization`` and ``LayerNormalization`` subclass their Keras
-namesakes: the same arguments, defaults, weights (in Keras's order: ``gamma, beta,
-moving_mean, moving_variance``), ``training`` argument and serialization, with normkit's
-kernels underneath (statistics in float32 for float16/bfloat16 input).
-``InstanceNormalization`` is new (Keras has none); it follows the same conventions.
+``normkit_tensorflow.BatchNormalization``, ``LayerNormalization``, ``GroupNormalization`` and
+``RMSNormalization`` subclass their Keras namesakes: the same arguments, defaults, weights (in
+Keras's order: ``gamma, beta, moving_mean, moving_variance``; ``scale`` for RMS), ``training``
+argument, masking and serialization, with normkit's kernels underneath (statistics in float32
+for float16/bfloat16 input). ``InstanceNormalization`` is new (Keras has none); it follows the
+same conventions.
+
+``BatchNormalization`` takes Keras's ``mask`` (e.g. from ``Embedding(mask_zero=True)``): in
+training the batch statistics are the masked ones, counted per channel; a batch with nothing
+unmasked leaves the moving statistics unchanged (Keras's own layer pulls them toward 0).
 
 ``preset=`` chooses the conventions; the default is ``"keras"``:
 
 * the running-variance estimator (``torch``: the unbiased :math:`\frac{n}{n-1}\sigma^2`);
 * whether one value per channel is allowed in training;
-* the default ``momentum`` and ``epsilon`` (``torch``: 0.9 and 1e-5).
+* the default ``momentum`` and ``epsilon`` (``torch``: 0.9 and 1e-5);
+* for ``RMSNormalization``, the half-precision cast order and the weight offset (``llama``,
+  ``gemma``; see the class).
 
 ``momentum`` is always Keras's convention, the weight of the *old* value,
 :math:`r \leftarrow m\,r + (1-m)\,b`, whatever the preset: ``preset="torch"`` defaults it to
@@ -20,7 +27,8 @@ As in Keras, batch statistics are used only when ``training`` is true *and* the 
 trainable; a frozen layer (``trainable=False``) normalizes with its moving statistics.
 
 The layers are registered with Keras's serialization as ``"normkit>BatchNormalization"``,
-``"normkit>LayerNormalization"`` and ``"normkit>InstanceNormalization"`` (importing
+``"normkit>LayerNormalization"``, ``"normkit>InstanceNormalization"``,
+``"normkit>GroupNormalization"`` and ``"normkit>RMSNormalization"`` (importing
 :mod:`normkit_tensorflow` imports this module): those names are in every ``.keras`` file
 saved with them, so they do not change.
 
@@ -44,7 +52,13 @@ from normkit._registry import backend_for
 from normkit.errors import StateDictError
 from normkit_tensorflow import kernels
 
-__all__ = ["BatchNormalization", "InstanceNormalization", "LayerNormalization"]
+__all__ = [
+    "BatchNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "RMSNormalization",
+]
 
 PACKAGE = "normkit"
 """The package of the registered names (``"normkit>BatchNormalization"``), written into every
@@ -270,25 +284,48 @@ class BatchNormalization(_PresetOptions, keras.layers.BatchNormalization):
         return layer
 
     def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> tf.Tensor:
+        """Keras's semantics, masks included: in training, ``mask`` (``inputs.shape[:-1]``, as
+        Keras propagates it from ``Embedding(mask_zero=True)``; broadcast over the last axis)
+        selects the values that enter the batch statistics, counted per channel, and every
+        position is normalized with them; in eval the mask is ignored. A channel with no value
+        selected keeps its moving statistics (Keras's own layer pulls them toward 0)."""
         inputs = tf.convert_to_tensor(inputs)
-        axis = self.axis % len(inputs.shape)
+        rank = len(inputs.shape)
+        axis = self.axis % rank
+        if mask is not None and len(mask.shape) != rank - 1:
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)}: expected one dimension less than inputs, whose "
+                f"shape is {tuple(inputs.shape)} (Keras's mask of positions, broadcast over the last axis)"
+            )
         use_batch_stats = bool(training) and self.trainable
-        if use_batch_stats and mask is not None:
-            raise NotImplementedError("masked batch statistics are not supported by normkit's layer")
         if use_batch_stats:
-            self._check_values_per_group(inputs, [a for a in range(len(inputs.shape)) if a != axis])
-        y, mean, var = kernels.batch_norm(
-            inputs,
-            self.gamma,
-            self.beta,
-            self.moving_mean,
-            self.moving_variance,
-            use_batch_stats,
-            1.0 - self.momentum,
-            self.epsilon,
-            axis,
-            self.unbiased_running_var,
-        )
+            self._check_values_per_group(inputs, [a for a in range(rank) if a != axis])
+        if use_batch_stats and mask is not None:
+            y, mean, var = kernels.masked_batch_norm(
+                inputs,
+                tf.expand_dims(tf.cast(mask, tf.bool), -1),
+                self.gamma,
+                self.beta,
+                self.moving_mean,
+                self.moving_variance,
+                1.0 - self.momentum,
+                self.epsilon,
+                axis,
+                self.unbiased_running_var,
+            )
+        else:
+            y, mean, var = kernels.batch_norm(
+                inputs,
+                self.gamma,
+                self.beta,
+                self.moving_mean,
+                self.moving_variance,
+                use_batch_stats,
+                1.0 - self.momentum,
+                self.epsilon,
+                axis,
+                self.unbiased_running_var,
+            )
         if use_batch_stats:
             self.moving_mean.assign(mean)
             self.moving_variance.assign(var)
@@ -498,3 +535,139 @@ class InstanceNormalization(_PresetOptions, keras.layers.Layer):
             "gamma_constraint": keras.constraints.serialize(self.gamma_constraint),
             "preset": self.preset,
         }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GroupNormalization(_PresetOptions, keras.layers.GroupNormalization):
+    r"""``keras.layers.GroupNormalization`` on normkit's kernels, with ``preset=`` (which sets the
+    default ``epsilon``: 1e-3 for ``keras``, 1e-5 for ``torch``).
+
+    Keras's arguments, defaults, weights (``gamma`` and ``beta``, one per channel) and
+    serialization: ``groups`` contiguous blocks of ``C/groups`` channels (``groups=-1``: one per
+    channel, instance normalization, fixed to ``C`` when the layer is built), each sample's block
+    normalized over its channels and every axis but the batch axis,
+    :math:`y = \gamma_c (x - \mu_{n,g})/\sqrt{\sigma^2_{n,g} + \epsilon} + \beta_c`. As Keras's
+    layer it does not autocast (``autocast = False``): under a mixed-precision policy its input
+    keeps its dtype (float32 input is not rounded to float16 first), the statistics are computed
+    in at least float32, and the output has the policy's compute dtype; a mask passes through
+    unchanged. Unlike Keras's (``tf.nn.moments`` of the raw values), the statistics are a
+    shifted two-pass, accurate at any offset.
+    """
+
+    def __init__(
+        self,
+        groups: int = 32,
+        axis: int = -1,
+        epsilon: float | None = None,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer: Any = "zeros",
+        gamma_initializer: Any = "ones",
+        beta_regularizer: Any = None,
+        gamma_regularizer: Any = None,
+        beta_constraint: Any = None,
+        gamma_constraint: Any = None,
+        *,
+        preset: str = "keras",
+        **kwargs: Any,
+    ) -> None:
+        _check_keras_backend("GroupNormalization")
+        p = presets.get_preset(preset)
+        super().__init__(
+            groups=groups,
+            axis=axis,
+            epsilon=_epsilon(epsilon, p.group_norm_eps),
+            center=center,
+            scale=scale,
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+            **kwargs,
+        )
+        self._set_preset(p)
+
+    def build(self, input_shape: Any) -> None:
+        if not isinstance(self.axis, int) or not -len(input_shape) <= self.axis < len(input_shape):
+            raise ValueError(f"axis={self.axis!r}: expected one axis of inputs of rank {len(input_shape)}")
+        if self.axis % len(input_shape) == 0:
+            raise ValueError("axis=0 is the batch axis; group normalization needs a channel axis")
+        super().build(input_shape)  # Keras's: checks groups against the channels, adds gamma and beta
+
+    def call(self, inputs: Any) -> tf.Tensor:
+        inputs = tf.convert_to_tensor(inputs)
+        axis = self.axis % len(inputs.shape)
+        y = kernels.group_norm(inputs, self.groups, self.gamma, self.beta, self.epsilon, axis)
+        return tf.cast(y, self.compute_dtype)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "preset": self.preset}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class RMSNormalization(_PresetOptions, keras.layers.RMSNormalization):
+    r"""``keras.layers.RMSNormalization`` (Keras 3.9+) on normkit's kernels, with ``preset=``.
+
+    Keras's arguments, weight (``scale``, over the normalized axes) and serialization:
+    :math:`y = x/\sqrt{\overline{x^2} + \epsilon}\,(w + o)`, the mean square over ``axis``,
+    computed in float32 for float16/bfloat16 input. The preset chooses
+
+    * the default ``epsilon`` (``keras``: 1e-6; ``torch``: ``None``, the machine epsilon of the
+      compute dtype, 1.19e-7 for float32, found when the layer is called);
+    * the cast order for half-precision input (``keras``, ``torch``, ``gemma``: once, after the
+      weight, as Keras; ``llama``, ``onnx``: to the input dtype before the weight, then again);
+    * the weight offset :math:`o` (``gemma``: 1, and ``scale`` then starts at 0 so that
+      :math:`w + o` starts at 1; otherwise 0 and ``scale`` starts at 1, as Keras's).
+
+    ``scale`` multiplies the normalized axes in increasing order (Keras lays it out along the
+    sorted axes as given, e.g. ``[-1, 1]``, and relies on broadcasting, which lines it up with
+    the trailing axes only: ``axis=1`` on 3-D input is scaled along axis 1 here).
+    """
+
+    def __init__(
+        self,
+        axis: int | list[int] = -1,
+        epsilon: float | None = None,
+        *,
+        preset: str = "keras",
+        **kwargs: Any,
+    ) -> None:
+        _check_keras_backend("RMSNormalization")
+        p = presets.get_preset(preset)
+        epsilon = p.rms_norm_eps if epsilon is None else _epsilon(epsilon, 0.0)
+        super().__init__(axis=axis, epsilon=epsilon, **kwargs)
+        self._set_preset(p)
+        self.cast_before_weight = p.rms_cast == "before_weight"
+        self.weight_offset = float(p.rms_weight_offset)
+
+    def build(self, input_shape: Any) -> None:
+        """Keras's build (``axis`` becomes a sorted list, ``scale`` spans its sizes in that order),
+        with ``scale`` starting at :math:`1 - o`."""
+        rank = len(input_shape)
+        axes = self.axis if isinstance(self.axis, list | tuple) else [self.axis]
+        for a in axes:
+            if not isinstance(a, int) or not -rank <= a < rank:
+                raise ValueError(f"axis={self.axis!r}: expected axes of inputs of rank {rank}")
+        self.axis = sorted(axes)
+        initializer = keras.initializers.Constant(1.0 - self.weight_offset) if self.weight_offset else "ones"
+        self.scale = self.add_weight(
+            name="scale", shape=tuple(input_shape[a] for a in self.axis), initializer=initializer
+        )
+        self.built = True
+        self._assign_pending_weights()
+
+    def call(self, x: Any) -> tf.Tensor:
+        x = tf.convert_to_tensor(x)
+        rank = len(x.shape)
+        axes = tuple(sorted(a % rank for a in self.axis))
+        weight = self.scale
+        if list(axes) != [a % rank for a in self.axis]:  # Keras's order of the axes is not increasing
+            shape = tf.shape(x)
+            weight = tf.reshape(weight, [shape[a] if x.shape[a] is None else x.shape[a] for a in axes])
+        epsilon = self.epsilon if self.epsilon is not None else presets.machine_eps(x.dtype.name)
+        return kernels.rms_norm(x, weight, axes, epsilon, self.weight_offset, self.cast_before_weight)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "preset": self.preset}

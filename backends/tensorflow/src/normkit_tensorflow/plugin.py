@@ -11,7 +11,16 @@ import tensorflow as tf
 import normkit
 from normkit_tensorflow import kernels
 
-__all__ = ["normkit_backend_info", "normkit_batch_norm", "normkit_instance_norm", "normkit_layer_norm"]
+__all__ = [
+    "normkit_backend_info",
+    "normkit_batch_norm",
+    "normkit_group_norm",
+    "normkit_instance_norm",
+    "normkit_layer_norm",
+    "normkit_moments",
+    "normkit_normalize",
+    "normkit_rms_norm",
+]
 
 DTYPES = {
     "float16": tf.float16,
@@ -19,6 +28,10 @@ DTYPES = {
     "float32": tf.float32,
     "float64": tf.float64,
 }
+"""The floating dtypes the kernels take."""
+
+CAST_DTYPES = {**DTYPES, "int64": tf.int64, "bool": tf.bool}
+"""Every dtype :func:`_astype` and :func:`_full` make (moments' counts are int64, masks bool)."""
 
 
 def _asarray(array: np.ndarray, dtype: str, device: str | None) -> tf.Tensor:
@@ -41,7 +54,15 @@ def _device(t: tf.Tensor) -> str:
 
 def _full(shape: tuple[int, ...], fill_value: float, dtype: str, like: tf.Tensor) -> tf.Tensor:
     with tf.device(like.device or None):
-        return tf.fill(shape, tf.constant(fill_value, dtype=DTYPES[dtype]))
+        return tf.fill(shape, tf.constant(fill_value, dtype=CAST_DTYPES[dtype]))
+
+
+def _astype(t: tf.Tensor, dtype: str) -> tf.Tensor:
+    """``t`` converted to the named dtype by ``tf.cast`` (on ``t``'s device; differentiable between
+    floating dtypes; to ``bool``, nonzero is true); ``t`` itself if it has that dtype already."""
+    target = CAST_DTYPES[dtype]
+    t = tf.convert_to_tensor(t)
+    return t if t.dtype == target else tf.cast(t, target)
 
 
 def _devices() -> tuple[str, ...]:
@@ -84,6 +105,7 @@ def normkit_backend_info() -> normkit.BackendInfo:
             device=_device,
             shape=lambda t: tuple(t.shape),
             full=_full,
+            astype=_astype,
         )
     return _INFO
 
@@ -93,3 +115,7 @@ def normkit_backend_info() -> normkit.BackendInfo:
 normkit_batch_norm = normkit.hookimpl(kernels.batch_norm)
 normkit_instance_norm = normkit.hookimpl(kernels.instance_norm)
 normkit_layer_norm = normkit.hookimpl(kernels.layer_norm)
+normkit_moments = normkit.hookimpl(kernels.moments)
+normkit_normalize = normkit.hookimpl(kernels.normalize)
+normkit_group_norm = normkit.hookimpl(kernels.group_norm)
+normkit_rms_norm = normkit.hookimpl(kernels.rms_norm)

@@ -1,6 +1,8 @@
 """The TensorFlow backend with every kernel run inside ``tf.function`` (optionally compiled by
 XLA), registered under its own name so that normkit's conformance suite can check the traced
-graphs exactly as it checks eager execution:
+graphs exactly as it checks eager execution. Every hook is traced: the composites and the
+primitives (``moments``, ``normalize``); the Python arguments (axes, flags, ``eps``, ``mask=None``)
+are constants of the graph, so each distinct value traces once.
 
 >>> import tensorflow as tf, normkit
 >>> from normkit_tensorflow.testing import register_function_backends
@@ -32,6 +34,10 @@ def _function_plugin(name: str, jit_compile: bool) -> types.ModuleType:
     batch_norm = tf.function(kernels.batch_norm, jit_compile=jit_compile)
     instance_norm = tf.function(kernels.instance_norm, jit_compile=jit_compile)
     layer_norm = tf.function(kernels.layer_norm, jit_compile=jit_compile)
+    moments = tf.function(kernels.moments, jit_compile=jit_compile)
+    normalize = tf.function(kernels.normalize, jit_compile=jit_compile)
+    group_norm = tf.function(kernels.group_norm, jit_compile=jit_compile)
+    rms_norm = tf.function(kernels.rms_norm, jit_compile=jit_compile)
 
     def normkit_backend_info() -> normkit.BackendInfo:
         return dataclasses.replace(plugin.normkit_backend_info(), name=name)
@@ -54,8 +60,30 @@ def _function_plugin(name: str, jit_compile: bool) -> types.ModuleType:
     def normkit_layer_norm(x, weight, bias, axes, eps):
         return layer_norm(x, weight, bias, axes, eps)
 
+    def normkit_moments(x, axes, mask, group_axis, num_groups):
+        return moments(x, axes, mask, group_axis, num_groups)
+
+    def normkit_normalize(x, mean, var, weight, bias, eps, axes, param_axes):
+        return normalize(x, mean, var, weight, bias, eps, axes, param_axes)
+
+    def normkit_group_norm(x, num_groups, weight, bias, eps, axis):
+        return group_norm(x, num_groups, weight, bias, eps, axis)
+
+    def normkit_rms_norm(x, weight, axes, eps, weight_offset, cast_before_weight):
+        return rms_norm(x, weight, axes, eps, weight_offset, cast_before_weight)
+
     module = types.ModuleType(name)
-    for hook in (normkit_backend_info, normkit_batch_norm, normkit_instance_norm, normkit_layer_norm):
+    hooks = (
+        normkit_backend_info,
+        normkit_batch_norm,
+        normkit_instance_norm,
+        normkit_layer_norm,
+        normkit_moments,
+        normkit_normalize,
+        normkit_group_norm,
+        normkit_rms_norm,
+    )
+    for hook in hooks:
         setattr(module, hook.__name__, normkit.hookimpl(hook))
     return module
 
