@@ -186,3 +186,62 @@ class _Layer:
 
     _repr_first: ClassVar[str]
     _per_channel: ClassVar[bool]
+
+
+class _AxesNorm(_Layer):
+    """Layer and RMS norm: statistics per sample over a set of axes, element-wise parameters of
+    those axes' shape, no running state. Subclasses set ``normalized_shape`` and ``axis``."""
+
+    _repr_first = "normalized_shape"
+    _per_channel = False
+    normalized_shape: tuple[int, ...] | None
+    axis: int | tuple[int, ...] | None
+
+    def _set_axes(
+        self, normalized_shape: int | Sequence[int] | None, axis: int | Sequence[int] | None
+    ) -> None:
+        if normalized_shape is not None and axis is not None:
+            raise ValueError("pass normalized_shape or axis, not both")
+        self.normalized_shape = (
+            None if normalized_shape is None else _checks.as_shape(normalized_shape, "normalized_shape")
+        )
+        self.axis = tuple(axis) if isinstance(axis, Sequence) else axis
+
+    def _axes_config(self) -> dict[str, Any]:
+        shape = self.normalized_shape
+        return {
+            "normalized_shape": None if shape is None else list(shape),
+            "axis": list(self.axis) if isinstance(self.axis, tuple) else self.axis,
+        }
+
+    def _param_shape(self) -> tuple[int, ...] | None:
+        if self._state is not None and self._state_backend is not None:
+            first = next(iter(self._state.arrays().values()), None)
+            if first is not None:
+                return tuple(self._state_backend.info.shape(first))
+        return self.normalized_shape
+
+    def _param_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        shape = self._param_shape()
+        return None if shape is None else {key: shape for key in self._expected_arrays()}
+
+    def _prepare(
+        self, x: Array, op: str
+    ) -> tuple[Backend, tuple[int, ...], tuple[int, ...], tuple[int, ...], str]:
+        """``(backend, shape, axes, param_shape, state dtype)`` for a call on ``x``, after checking
+        that the normalized dimensions hold values and match this layer's parameters."""
+        from normkit.functional.layer import normalized_axes
+
+        be = self._resolve(x, 1, op)
+        shape = _checks._check_input(be, x, 1, op)
+        axes = normalized_axes(shape, self.normalized_shape, self.axis)
+        param_shape = tuple(shape[a] for a in axes)
+        if 0 in param_shape:
+            raise ValueError(f"x has shape {shape}: the normalized dimensions {param_shape} hold no values")
+        expected = self._param_shape()
+        if expected is not None and param_shape != expected:
+            raise ValueError(
+                f"x has shape {shape}: normalized dimensions {param_shape}, but this layer's are {expected}"
+            )
+        dtype = "float64" if be.info.dtype_name(x) == "float64" else "float32"
+        return be, shape, axes, param_shape, dtype

@@ -6,10 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from normkit import presets
-from normkit.functional import _checks
-from normkit.functional import layer as layer_ops
 from normkit.functional import rms as rms_ops
-from normkit.layers._base import _Layer
+from normkit.layers._base import _AxesNorm
 from normkit.state import NormState
 
 __all__ = ["RMSNorm"]
@@ -17,7 +15,7 @@ __all__ = ["RMSNorm"]
 Array = Any
 
 
-class RMSNorm(_Layer):
+class RMSNorm(_AxesNorm):
     r"""RMS normalization over the trailing ``normalized_shape`` (PyTorch) or ``axis`` (Keras):
 
     .. math::
@@ -38,9 +36,6 @@ class RMSNorm(_Layer):
     :param backend: force a backend by name.
     """
 
-    _repr_first = "normalized_shape"
-    _per_channel = False
-
     def __init__(
         self,
         normalized_shape: int | Sequence[int] | None = None,
@@ -54,12 +49,7 @@ class RMSNorm(_Layer):
         backend: str | None = None,
     ) -> None:
         super().__init__(preset, backend)
-        if normalized_shape is not None and axis is not None:
-            raise ValueError("pass normalized_shape or axis, not both")
-        self.normalized_shape = (
-            None if normalized_shape is None else _checks.as_shape(normalized_shape, "normalized_shape")
-        )
-        self.axis = tuple(axis) if isinstance(axis, Sequence) else axis
+        self._set_axes(normalized_shape, axis)
         eps = self._preset.rms_norm_eps if eps is None else eps
         self.eps = None if eps is None else presets.check_eps(eps)
         self.elementwise_affine = bool(elementwise_affine)
@@ -71,20 +61,9 @@ class RMSNorm(_Layer):
     def _expected_arrays(self) -> tuple[str, ...]:
         return ("weight",) if self.elementwise_affine else ()
 
-    def _param_shape(self) -> tuple[int, ...] | None:
-        if self._state is not None and self._state_backend is not None and self._state.weight is not None:
-            return tuple(self._state_backend.info.shape(self._state.weight))
-        return self.normalized_shape
-
-    def _param_shapes(self) -> dict[str, tuple[int, ...]] | None:
-        shape = self._param_shape()
-        return None if shape is None else {key: shape for key in self._expected_arrays()}
-
     def _config(self) -> dict[str, Any]:
-        shape = self.normalized_shape
         return {
-            "normalized_shape": None if shape is None else list(shape),
-            "axis": list(self.axis) if isinstance(self.axis, tuple) else self.axis,
+            **self._axes_config(),
             "eps": self.eps,
             "elementwise_affine": self.elementwise_affine,
             "weight_offset": self.weight_offset,
@@ -94,20 +73,9 @@ class RMSNorm(_Layer):
 
     def __call__(self, x: Array) -> Array:
         """Normalize ``x`` (the same in training and eval)."""
-        be = self._resolve(x, 1, "rms_norm")
-        shape = _checks._check_input(be, x, 1, "rms_norm")
-        axes = layer_ops.normalized_axes(shape, self.normalized_shape, self.axis)
-        param_shape = tuple(shape[a] for a in axes)
-        if 0 in param_shape:
-            raise ValueError(f"x has shape {shape}: the normalized dimensions {param_shape} hold no values")
-        expected = self._param_shape()
-        if expected is not None and param_shape != expected:
-            raise ValueError(
-                f"x has shape {shape}: normalized dimensions {param_shape}, but this layer's are {expected}"
-            )
+        be, shape, axes, param_shape, dtype = self._prepare(x, "rms_norm")
         state = self._state
         if state is None:
-            dtype = "float64" if be.info.dtype_name(x) == "float64" else "float32"
             initial = 1.0 - self.weight_offset
             state = NormState(
                 weight=be.info.full(param_shape, initial, dtype, x) if self.elementwise_affine else None
