@@ -2,9 +2,14 @@
 
 Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the new layers share the old layers'
 parameters (so an optimizer built before the conversion keeps working) and buffers, and take
-their configuration (``eps``, ``momentum``, ``affine``, ``track_running_stats``) and
-training mode. ``preset`` sets only what ``torch.nn`` hard-codes (the running-variance
-estimator and the one-value rule); see :mod:`normkit_torch.modules`.
+their configuration (``eps``, ``momentum``, ``affine``, ``track_running_stats``,
+``num_groups``, ``normalized_shape``, ``elementwise_affine``) and training mode. ``preset`` sets
+only conventions that ``torch.nn`` hard-codes and that leave what a trained layer computes as it
+was: the running-variance estimator and the one-value rule (batch, instance and group norm), and
+where RMS norm rounds a float16/bfloat16 result (its cast order). It never changes a layer's
+``eps`` (an RMS norm's ``eps=None`` stays the machine epsilon of the compute dtype) nor gives an
+RMS norm a weight offset: under ``preset="gemma"`` that would read the stock weight :math:`w`
+as :math:`1 + w`. See :mod:`normkit_torch.modules`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,28 @@ def _converted(module: nn.Module, preset: str | presets.Preset) -> nn.Module:
             preset=preset,
         )
         names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    elif kind is nn.GroupNorm:
+        new = modules.GroupNorm(
+            module.num_groups,
+            module.num_channels,
+            eps=module.eps,
+            affine=module.affine,
+            device="meta",
+            bias=module.bias is not None or not module.affine,
+            preset=preset,
+        )
+        names = ("weight", "bias")
+    elif kind is nn.RMSNorm:
+        new = modules.RMSNorm(
+            module.normalized_shape,
+            eps=module.eps,
+            elementwise_affine=module.elementwise_affine,
+            device="meta",
+            preset=preset,
+            weight_offset=0.0,  # the stock weight multiplies as it is: w, not w + o
+        )
+        new.eps = module.eps  # None (the machine epsilon) stays None whatever the preset's eps
+        names = ("weight",)
     elif kind is nn.LayerNorm:
         new = modules.LayerNorm(
             module.normalized_shape,
@@ -64,12 +91,19 @@ def _converted(module: nn.Module, preset: str | presets.Preset) -> nn.Module:
 
 
 def convert_norm_layers(module: nn.Module, preset: str | presets.Preset = "torch") -> nn.Module:
-    """Replace every ``torch.nn`` ``BatchNorm1d/2d/3d``, ``InstanceNorm1d/2d/3d`` and
-    ``LayerNorm`` in ``module`` (recursively) by the normkit layer of the same name.
+    """Replace every ``torch.nn`` ``BatchNorm1d/2d/3d``, ``InstanceNorm1d/2d/3d``,
+    ``LayerNorm``, ``GroupNorm`` and ``RMSNorm`` in ``module`` (recursively) by the normkit layer
+    of the same name.
+
+    Only those exact types are replaced (a subclass may have changed what ``forward`` does), so
+    normkit's layers, which subclass them, are left as they are: converting twice changes nothing.
 
     :param module: a model, or a single normalization layer.
     :param preset: the conventions of the new layers; ``"torch"`` (default) keeps every output
-        and ``state_dict`` bit-for-bit what it was.
+        and ``state_dict`` bit-for-bit what it was (group norm: on channels-first memory; on
+        channels-last memory normkit's statistics are two-pass where ``torch.nn``'s CPU kernel
+        is one-pass). Another preset keeps each layer's ``eps``, ``momentum`` and parameters, and
+        sets the running-variance estimator, the one-value rule and RMS norm's cast order.
     :returns: the converted module: ``module`` itself with its children replaced, or a new
         layer if ``module`` is itself a normalization layer.
 
