@@ -463,9 +463,14 @@ def _kernel_variants(
 
         return call
 
-    variants = {("numpy" if k == "compiled" else "numpy-pure"): using(k) for k in available}
-    if into is not None and "compiled" in available:
-        variants["numpy-out"] = using("compiled", into)
+    variants = {}
+    for k in available:
+        if k == "compiled":
+            variants["numpy"] = using(k)
+            if into is not None:
+                variants["numpy-out"] = using(k, into)
+        else:
+            variants["numpy-pure"] = using(k)
     return variants
 
 
@@ -481,7 +486,8 @@ LEGEND = """\
 normkit    median time of one call of normkit's op (module rows: normkit's layer, called eagerly)
 native     the framework's own op or layer on the same data, timed in the same rounds; in brackets:
            torch = PyTorch's ATen op (torch.nn.functional), torch.nn = its module, keras = Keras's
-           layer, tf.nn = tf.nn.moments + tf.nn.batch_normalization (one row per native)
+           layer, tf.nn = tf.nn.moments + tf.nn.batch_normalization (RMS norm: x * rsqrt(mean(x²) + eps)
+           * w in TensorFlow ops); one row per native
 floor      copying the input once in the backend's framework: no normalization can cost less
 x native   median of the per-round ratios normkit / native (below 1: normkit is faster)
 x floor    median of the per-round ratios normkit / floor

@@ -120,6 +120,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         measure_startup,
         noise_warning,
         run_bench,
+        target_misses,
         write_json,
         write_plot,
     )
@@ -155,10 +156,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_table(results, markdown=args.markdown))
     print()
     print(LEGEND)
-    warning = noise_warning(results)
-    if warning:
-        print()
-        print(warning)
+    for message in (noise_warning(results), target_misses(results)):
+        if message:
+            print()
+            print(message)
     startup = None
     if args.startup:
         progress("startup: import time and first calls in fresh processes")

@@ -26,8 +26,8 @@ difference of means: nothing cancels at large offsets, unlike :math:`\sum x^2 - 
 >>> merged = normkit.merge_moments(*parts)
 >>> merged.count
 array([64, 64, 64])
->>> bool(np.allclose(merged.var(), whole.var(), rtol=1e-5))
-True
+>>> np.round(merged.var(), 3), np.round(whole.var(), 3)    # float64 merge of float32 parts
+(array([1.13 , 0.742, 0.85 ]), array([1.13 , 0.742, 0.85 ], dtype=float32))
 """
 
 from __future__ import annotations
