@@ -201,7 +201,7 @@ def moments(
     by the mean of its residuals, as everywhere in this module."""
     x = np.asarray(x, dtype=np.float64)
     weights = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask, dtype=bool), x.shape)
-    rows, moved_shape, _ = _axes_rows(x, axes)
+    rows, moved_shape, _ = _axes_rows(np.where(weights > 0, x, 0.0), axes)  # select: NaN * 0 is NaN
     counts, _, _ = _axes_rows(weights.astype(np.float64), axes)
     group_shape = moved_shape[: x.ndim - len(set(a % x.ndim for a in axes))]
     count = counts.sum(axis=1)

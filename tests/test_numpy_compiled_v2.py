@@ -32,9 +32,9 @@ from normkit.testing.tolerances import (
     output_tolerance,
 )
 
-pytest.importorskip("numba")
-from normkit.numpy_backend import compiled as glue
-from normkit.numpy_backend import numba_loops as loops
+numba = pytest.importorskip("numba")
+glue = pytest.importorskip("normkit.numpy_backend.compiled")
+loops = pytest.importorskip("normkit.numpy_backend.numba_loops")
 
 HAS_BFLOAT16 = importlib.util.find_spec("ml_dtypes") is not None
 HALF_DTYPES = [
@@ -103,7 +103,8 @@ def _affine(channels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 GROUP_LAYOUTS = [
     # (id, shape, axis, groups, layout): "rows/channel" and "rows/value" are group_norm_rows writing
-    # y channel by channel or through per-value coefficients; "columns" the channels-last path
+    # y channel by channel or through per-value coefficients; "rows/ranges" the statistics of
+    # ranges of few groups, then y; "columns" the channels-last path
     ("nchw-rows", (4, 32, 9, 9), 1, 8, "rows/channel"),  # a run of 4 x 81 values per group
     ("nchw-rows-blocks", (2, 4, 700), 1, 2, "rows/channel"),  # runs of 1400: 2 blocks of 512 + a tail
     ("nchw-short-runs", (6, 12, 3, 3), 1, 3, "rows/value"),  # 9 values per channel
@@ -113,13 +114,14 @@ GROUP_LAYOUTS = [
     ("nhwc-many-parts", (2, 64, 64, 64), 3, 16, "columns"),  # 16 blocks of 256 rows, 4 ranges per sample
     ("nlc-columns", (3, 50, 6), 2, 2, "columns"),  # 3-D channels-last
     ("nhwc-one-group", (2, 8, 8, 600), 3, 1, "rows/value"),  # one group: 64 runs of 600
+    ("one-sample-one-group", (1, 6, 70, 70), 1, 1, "rows/ranges"),  # fewer groups than threads
 ]
 
 
 @pytest.mark.parametrize(
     ("shape", "axis", "groups"), [case[1:4] for case in GROUP_LAYOUTS], ids=[c[0] for c in GROUP_LAYOUTS]
 )
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", *HALF_DTYPES])
 def test_group_norm_layouts_match_the_reference(shape, axis, groups, dtype) -> None:
     x = _data(1, shape, dtype, loc=3.0, scale=2.0)
     weight, bias = _affine(shape[axis], 1)
@@ -133,10 +135,16 @@ def test_the_layouts_are_the_ones_named() -> None:
     for _, shape, axis, groups, layout in GROUP_LAYOUTS:
         rows, channels, inner = glue._split(shape, axis, 1)
         run = channels // groups * inner
-        if glue._rows_layout(run, rows):
-            taken = "rows/channel" if inner >= loops.GROUP_INNER else "rows/value"
-        else:
+        if not glue._rows_layout(run, rows):
             taken = "columns"
+        elif inner < loops.GROUP_INNER:
+            taken = "rows/value"
+        elif shape[0] * groups < numba.get_num_threads():
+            taken = "rows/ranges"
+        else:
+            taken = "rows/channel"
+        if layout == "rows/ranges" and numba.get_num_threads() == 1:
+            layout = "rows/channel"  # one thread: every group count is enough
         assert taken == layout, (shape, axis, groups)
 
 
@@ -157,22 +165,28 @@ def test_group_norm_at_a_large_offset(shape, axis, groups, dtype, loc) -> None:
 
 @pytest.mark.parametrize(
     ("shape", "axis"),
-    [((3, 16, 8, 8), 1), ((3, 8, 8, 16), 3), ((3, 16, 3, 3), 1)],
-    ids=["rows", "columns", "short-runs"],
+    [((3, 16, 8, 8), 1), ((3, 8, 8, 16), 3), ((3, 16, 3, 3), 1), ((1, 16, 40, 40), 1)],
+    ids=["rows", "columns", "short-runs", "ranges"],
 )
-@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", *HALF_DTYPES])
 def test_a_constant_group_normalizes_to_beta_exactly(shape, axis, dtype) -> None:
     x = _data(3, shape, dtype, loc=7.0)
     moved = np.moveaxis(x, axis, 1)  # a view: writes land in x
-    moved[1, 4:8] = np.asarray(7.1, dtype=x.dtype)  # sample 1, group 1 of 4
+    sample = x.shape[0] // 2  # 1 of 3, or the only one
+    moved[sample, 4:8] = np.asarray(7.1, dtype=x.dtype)  # group 1 of 4
     weight, bias = _affine(shape[axis], 3)
     y = glue.group_norm(x, 4, weight, bias, 1e-5, axis, None)
     beta = bias[4:8].astype(x.dtype).reshape((4,) + (1,) * (x.ndim - 2))
-    np.testing.assert_array_equal(np.moveaxis(y, axis, 1)[1, 4:8], np.broadcast_to(beta, moved[1, 4:8].shape))
+    got = np.moveaxis(y, axis, 1)[sample, 4:8]
+    np.testing.assert_array_equal(got, np.broadcast_to(beta, got.shape))
     _check_group_norm(y, x, 4, weight, bias, 1e-5, axis)
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((4, 16, 9, 9), 1), ((4, 9, 9, 16), 3)], ids=["rows", "columns"])
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [((4, 16, 9, 9), 1), ((4, 9, 9, 16), 3), ((1, 4, 40, 40), 1)],
+    ids=["rows", "columns", "ranges"],
+)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_group_norm_writes_exactly_y_into_out(shape, axis, dtype) -> None:
     x = _data(4, shape, dtype, loc=1.0)
@@ -374,7 +388,7 @@ MOMENT_LAYOUTS = [
     [c[1:] for c in MOMENT_LAYOUTS],
     ids=[c[0] for c in MOMENT_LAYOUTS],
 )
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", *HALF_DTYPES])
 def test_moments_layouts_match_the_reference(shape, axes, group_axis, groups, dtype) -> None:
     x = _data(14, shape, dtype, loc=5.0, scale=2.0)
     _check_moments(glue.moments(x, axes, None, group_axis, groups), x, axes, None, group_axis, groups)

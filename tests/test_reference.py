@@ -196,3 +196,14 @@ def test_group_norm_and_rms_norm_against_torch_in_float64() -> None:
         expected = rms(torch.from_numpy(x)).numpy()
     got = reference.rms_norm(x, w, axes=(2, 3), eps=1e-6)
     np.testing.assert_allclose(got, expected, **agreement_tolerance("float64").kwargs)  # no mean subtracted
+
+
+def test_masked_moments_never_read_a_masked_value() -> None:
+    """A NaN or inf under the mask leaves the moments those of the unmasked values (counted by
+    hand: 1 + 2 + 6 over three values)."""
+    x = np.array([[1.0, np.nan], [2.0, np.inf], [6.0, 5.0]])
+    mask = np.array([[True, False], [True, False], [True, True]])
+    count, mean, m2 = reference.moments(x, (0,), mask)
+    np.testing.assert_array_equal(count, [3, 1])
+    np.testing.assert_array_equal(mean, [3.0, 5.0])
+    np.testing.assert_array_equal(m2, [14.0, 0.0])

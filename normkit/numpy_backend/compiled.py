@@ -1,8 +1,9 @@
 r"""Glue between the NumPy backend and its compiled kernels (:mod:`normkit.numpy_backend.numba_loops`).
 
-Each function here brings a validated, non-empty spec call to one of the kernels' two layouts.
-Layer norm over axes that are not the trailing ones returns ``None``; the caller then uses the
-pure-NumPy path, which handles everything.
+Each function here brings a validated, non-empty spec call to one of the kernels' two layouts, or
+returns ``None`` for a call it leaves to the pure-NumPy path, which handles everything (layer and
+RMS norm over axes that are not the trailing ones, moments over axes that alternate more than
+the layouts below, empty input to group and RMS norm).
 
 Layouts, for a C-contiguous ``x`` (other inputs are copied to one first) with channel axis ``axis``, ``A`` the product of the
 dimensions before it (after the batch axis for instance norm) and ``B`` of those after it:
@@ -11,6 +12,14 @@ dimensions before it (after the batch axis for instance norm) and ``B`` of those
   after its statistics, while still in cache;
 * otherwise (channels-last, and ``(N, C)``): columns ``(G, A, C·B)``; one parallel pass of
   per-part statistics, merged here in float64, then one parallel pass for ``y``.
+
+Spec version 2 uses the same two layouts: :func:`moments` brings any reduction whose axes
+merge into kept, reduced, kept, reduced runs to ``(G, A, C, B)`` (statistics per ``(g, c)``),
+:func:`group_norm` puts a group's ``C/G`` channels where batch norm puts one channel (rows for
+channels-first, columns for channels-last), and :func:`rms_norm` normalizes the ``(R, K)`` rows
+of its trailing axes. Partial statistics carry their mean as a reference plus an offset, and
+:func:`merge_statistics` merges them on deviations from one part's mean, so that no merge
+rounds at the scale of the mean.
 
 float16 and bfloat16 input is upcast to a float32 copy, normalized in place there, and
 rounded back; a non-contiguous input is likewise copied and normalized in its copy.
@@ -367,7 +376,10 @@ def group_norm(
     after it and ``K = (C/G)·B``, each group ``(n, g)`` is ``A`` contiguous runs of ``K`` values:
 
     * long runs (channels-first, ``A = 1``): :func:`~normkit.numpy_backend.numba_loops.group_norm_rows`,
-      one parallel task per group that writes ``y`` while its values are still in cache;
+      one parallel task per group that writes ``y`` while its values are still in cache; with
+      fewer groups than threads (and channel runs of at least
+      :data:`~normkit.numpy_backend.numba_loops.GROUP_INNER`), the statistics of ranges of each
+      group in parallel, merged here, then one parallel pass for ``y``;
     * short runs (channels-last: ``K = C/G`` adjacent channels in each of ``A = H·W`` rows): the
       columns layout ``(N, A, C·B)``, per-column statistics of row ranges merged in float64 over
       the ranges and the group's ``K`` columns, then one parallel pass for ``y``.
@@ -380,7 +392,8 @@ def group_norm(
     run = per_group * inner
     xc, copied = _compute_view(x)
     y = _output(x, xc, copied, out)
-    if _rows_layout(run, rows):
+    rows_layout = _rows_layout(run, rows)
+    if rows_layout and (samples * num_groups >= numba.get_num_threads() or inner < kernels.GROUP_INNER):
         shape4 = (samples, rows, num_groups, run)
         kernels.group_norm_rows(
             xc.reshape(shape4),
@@ -391,7 +404,6 @@ def group_norm(
             y.reshape(shape4),
         )
         return finish_output(y, x, out)
-    shape3 = (samples, rows, channels * inner)
     n, mean, m2 = _statistics(xc.reshape(samples, rows, num_groups, run), None)
     var = np.maximum(m2 / n, 0.0)
     s, a, b = _coefficients(
@@ -403,6 +415,11 @@ def group_norm(
         xc.dtype,
         batch_statistics=True,
     )
+    if rows_layout:
+        shape4 = (samples, rows, channels, inner)
+        kernels.affine_grouped_rows(xc.reshape(shape4), s, a, b, y.reshape(shape4))
+        return finish_output(y, x, out)
+    shape3 = (samples, rows, channels * inner)
     block_rows = kernels.column_block_rows(channels * inner, xc.itemsize)
     kernels.affine_columns(
         xc.reshape(shape3),

@@ -10,6 +10,13 @@ C-contiguous array in the compute dtype (float32 or float64; float16 is upcast f
 * **columns** ``(G, A, C)``: a group ``(g, c)`` is column ``c`` of the ``A × C`` matrix of
   sample ``g`` (channels-last batch norm ``G = 1``, ``A = N·H·W``).
 
+Spec version 2 adds statistics as values over either layout (:func:`row_statistics`,
+:func:`column_statistics` and their masked twins, cut into parallel ranges whose partial
+``(count, reference, offset, M2)`` the glue merges), group norm in the rows layout with a
+per-channel affine (:func:`group_norm_rows`; channels-last group norm takes the columns
+kernels, a group being ``C/G`` adjacent columns) and RMS norm over rows
+(:func:`rms_norm_rows`, the mean square accumulated in float64).
+
 Statistics (the same numerics in both layouts):
 
 1. The group is cut into blocks (:data:`ROW_BLOCK` consecutive values of a row, or
@@ -33,8 +40,10 @@ gives exactly :math:`\beta`) and :math:`b = \beta - (\mu - s)\,a`. In the rows l
 group is normalized right after its statistics, while it is still in the L2 cache, so a
 channels-first batch norm reads ``x`` from memory once and writes ``y`` once.
 
-Loops are compiled with ``fastmath`` limited to reassociation and contraction (vectorized
-sums, fused multiply-adds); NaN and infinity propagate as in the pure-NumPy path. The
+Only the block sums (:func:`_block_sums`, :func:`_column_block` and their masked twins, the
+float64 sum of squares) are compiled with ``fastmath``, limited to reassociation so that they
+vectorize; the merges and the output loops round as written. NaN and infinity propagate as in
+the pure-NumPy path. The
 compiled functions are cached on disk (numba's ``cache=True``), so a new process loads
 rather than recompiles them.
 """
@@ -48,13 +57,20 @@ import numpy as np
 
 __all__ = [
     "COLUMN_BLOCK_BYTES",
+    "GROUP_INNER",
     "ROW_BLOCK",
     "affine_columns",
+    "affine_grouped_rows",
     "affine_rows",
     "column_block_rows",
     "column_statistics",
+    "column_statistics_masked",
+    "group_norm_rows",
     "layer_norm_rows",
     "normalize_rows",
+    "rms_norm_rows",
+    "row_statistics",
+    "row_statistics_masked",
 ]
 
 FASTMATH = {"reassoc", "nsz"}
