@@ -67,6 +67,28 @@ def test_group_normalization_matches_keras_and_the_reference(shape, groups, axis
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    ("shape", "groups", "axis"), [((4, 6, 6, 8), 4, -1), ((4, 8, 5, 5), 2, 1), ((3, 5, 8), -1, -1)]
+)
+def test_group_normalization_is_bit_identical_to_keras_under_the_keras_preset(
+    shape, groups, axis, dtype
+) -> None:
+    """The default preset computes exactly as Keras's layer; another preset runs normkit's
+    kernel, which differs from Keras's by rounding (so the first assertion can fail)."""
+    x = np.random.default_rng(6).normal(50.0, 3.0, size=shape).astype(dtype)
+    stock = keras.layers.GroupNormalization(groups=groups, axis=axis, dtype=dtype)
+    ours = nt.GroupNormalization(groups=groups, axis=axis, dtype=dtype)
+    other = nt.GroupNormalization(groups=groups, axis=axis, dtype=dtype, epsilon=1e-3, preset="torch")
+    for layer in (stock, ours, other):
+        layer.build(shape)
+    weights = random_weights(stock, 2)
+    for layer in (stock, ours, other):
+        layer.set_weights(weights)
+    np.testing.assert_array_equal(ours(x).numpy(), stock(x).numpy())
+    assert not np.array_equal(other(x).numpy(), stock(x).numpy())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_rms_normalization_is_bit_identical_to_keras_over_the_last_axis(dtype: str) -> None:
     """The same TensorFlow ops in the same order (one ``reduce_mean`` of the squares, ``rsqrt``,
     then ``x * r * scale``) as ``keras.ops.rms_normalization``: the same bits."""

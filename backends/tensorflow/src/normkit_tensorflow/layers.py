@@ -550,8 +550,16 @@ class GroupNormalization(_PresetOptions, keras.layers.GroupNormalization):
     layer it does not autocast (``autocast = False``): under a mixed-precision policy its input
     keeps its dtype (float32 input is not rounded to float16 first), the statistics are computed
     in at least float32, and the output has the policy's compute dtype; a mask passes through
-    unchanged. Unlike Keras's (``tf.nn.moments`` of the raw values), the statistics are a
-    shifted two-pass, accurate at any offset.
+    unchanged.
+
+    Under ``preset="keras"`` (the default) it computes exactly as Keras's layer does, so a model
+    gives bit-identical results after the swap, as the ``normkit_torch`` drop-ins do by calling
+    ATen where ATen is accurate: on the TensorFlow backend Keras's statistics are two-pass
+    (``tf.nn.moments`` of the raw values) and its output is the fused
+    :math:`x\,a + (\beta - \mu a)`, which the spec allows (its rounding, about
+    :math:`\epsilon|\mu|\gamma/\sigma`, is the centering term of the conformance bound: 2e-3 at
+    ``|mean|/std = 1e4`` in float32). Under any other preset it runs normkit's kernel, a shifted
+    two-pass that applies :math:`(x - \mu)\,a + \beta` and stays near 3e-7 there.
     """
 
     def __init__(
@@ -597,6 +605,8 @@ class GroupNormalization(_PresetOptions, keras.layers.GroupNormalization):
         super().build(input_shape)  # Keras's: checks groups against the channels, adds gamma and beta
 
     def call(self, inputs: Any) -> tf.Tensor:
+        if self.preset == "keras":  # Keras's own computation: bit-identical, and conforming
+            return super().call(inputs)
         inputs = tf.convert_to_tensor(inputs)
         axis = self.axis % len(inputs.shape)
         y = kernels.group_norm(inputs, self.groups, self.gamma, self.beta, self.epsilon, axis)
