@@ -220,11 +220,14 @@ class Backend:
 
 
 def _missing_kernel(backend: str, op: str) -> Callable[..., Any]:
+    why = (
+        " (a spec-2 primitive: composition from the primitives, mask=, and moments need it)"
+        if op in ("moments", "normalize")
+        else " (nor both primitives, moments and normalize, that normkit composes it from)"
+    )
+
     def missing(*args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            f"backend {backend!r} does not implement {op} (nor both primitives, moments and "
-            f"normalize, that normkit composes it from)"
-        )
+        raise NotImplementedError(f"backend {backend!r} does not implement {op}{why}")
 
     missing.__name__ = f"missing_{op}"
     return missing

@@ -33,6 +33,9 @@ from normkit.hookspecs import BackendInfo
 
 __all__ = ["composite"]
 
+TINY = 1e-30
+"""An eps > 0 that leaves ``sqrt(1 + eps)`` exactly 1 in float32 and float64."""
+
 Array = Any
 Kernel = Callable[..., Any]
 
@@ -66,8 +69,13 @@ def composite(op: str, info: BackendInfo, moments: Kernel, normalize: Kernel) ->
         cdt = _compute(info.dtype_name(x))
         return astype(count, cdt), mean, m2
 
+    widest = "float64" if "float64" in info.dtypes else "float32"
+
     def update(old: Array, batch: Array, momentum: float) -> Array:
-        return old + (astype(batch, info.dtype_name(old)) - old) * momentum
+        """``(1 - m) old + m batch`` in the widest float, back in ``old``'s dtype (``old + m (batch
+        - old)`` in a narrow dtype would lose ``old``'s digits at ``m = 1``)."""
+        mixed = astype(old, widest) * (1.0 - momentum) + astype(batch, widest) * momentum
+        return astype(mixed, info.dtype_name(old))
 
     def channel_norm(
         x, weight, bias, running_mean, running_var, use_batch, momentum, eps, axis, unbiased, first
@@ -118,14 +126,18 @@ def composite(op: str, info: BackendInfo, moments: Kernel, normalize: Kernel) ->
         def rms_norm(x, weight, axes, eps, weight_offset, cast_before_weight):
             count, mean, m2 = statistics(x, axes)
             mean_square = m2 / count + mean * mean
-            scale = None if weight is None else astype(weight, _compute(info.dtype_name(x))) + weight_offset
+            cdt = _compute(info.dtype_name(x))
+            kept = tuple(info.shape(mean))
+            zeros = info.full(kept, 0.0, cdt, mean)
+            scale = None if weight is None else astype(weight, cdt) + weight_offset
             half = info.dtype_name(x) in ("float16", "bfloat16")
             if not (cast_before_weight and half and scale is not None):
-                return normalize(x, mean * 0.0, mean_square, scale, None, eps, axes, axes)
-            rounded = normalize(x, mean * 0.0, mean_square, None, None, eps, axes, axes)
-            product = normalize(
-                astype(rounded, "float32"), mean * 0.0, mean * 0.0 + 1.0, scale, None, 0.0, axes, axes
-            )
+                return normalize(x, zeros, mean_square, scale, None, eps, axes, axes)
+            rounded = normalize(x, zeros, mean_square, None, None, eps, axes, axes)
+            # the product by w + o: mean 0, variance 1 and eps TINY (> 0, as the spec requires)
+            # make the divisor exactly 1 in float32
+            ones = info.full(kept, 1.0, cdt, mean)
+            product = normalize(astype(rounded, "float32"), zeros, ones, scale, None, TINY, axes, axes)
             return astype(product, info.dtype_name(x))
 
         return rms_norm

@@ -50,7 +50,10 @@ The semantics that are explicit choices
    Conformance: ``bn-two-values-per-channel``, ``bn-keras-preset-ema``.
 3. **eps** is always inside the square root, :math:`1/\sqrt{\sigma^2+\epsilon}`, applied in the
    compute dtype (never rounded to a float16/bfloat16 input dtype). Preset defaults:
-   ``1e-5`` (torch, onnx, flax batch norm), ``1e-6`` (flax layer/instance norm), ``1e-3`` (keras).
+   ``1e-5`` (torch, onnx, flax batch norm), ``1e-6`` (flax layer/instance norm), ``1e-3`` (keras)
+   for batch, layer and instance norm; group norm as layer norm; RMS norm ``None`` (torch: the
+   compute dtype's machine epsilon), ``1e-6`` (keras, flax, llama, gemma), ``1e-5`` (onnx). See
+   :mod:`normkit.presets`.
 4. **Eval.** Batch norm in eval normalizes with the running statistics. A layer that tracks no
    running statistics normalizes with batch statistics in eval too (PyTorch
    ``track_running_stats=False``). Instance norm uses per-instance statistics unless it tracks
@@ -96,7 +99,11 @@ The semantics that are explicit choices
     rounded again). Conformance: ``rms-*``.
 12. **Masks** (:func:`normkit_moments`): a boolean ``mask`` (``True`` counts) selects the values
     that enter the statistics; a group with nothing selected has count 0, mean 0 and M2 0, the
-    identity of the merge. Conformance: ``moments-mask-*``.
+    identity of the merge. Batch norm with a mask (a composition, :mod:`normkit.functional.masked`)
+    moves each channel's running statistics with the channel's own count, and not at all for a
+    channel with nothing selected; the layer's ``num_batches_tracked`` counts every non-empty
+    masked batch (so the cumulative average of rule 1 weighs batches, not counts). Conformance:
+    ``moments-mask-*``.
 
 Purity
 ------

@@ -27,6 +27,12 @@ __all__ = ["masked_batch_norm"]
 Array = Any
 
 
+def _mix(info: Any, old: Array, batch: Array, weight: Array, widest: str) -> Array:
+    """``(1 - weight) * old + weight * batch`` in ``widest``, returned in ``old``'s dtype."""
+    mixed = _cast(info, old, widest) * (1.0 - weight) + _cast(info, batch, widest) * weight
+    return _cast(info, mixed, info.dtype_name(old))
+
+
 def masked_batch_norm(
     be: Backend,
     x: Array,
@@ -56,15 +62,18 @@ def masked_batch_norm(
         y = be.normalize(x, mean, var, weight, bias, eps, reduced, (axis,))
     if running_mean is None or running_var is None:
         return y, None, None
-    dtype = info.dtype_name(running_mean)
+    # (1 - w) r + w b per channel, in the widest float the backend has, then cast back to each
+    # statistic's own dtype: r + w (b - r) in the state dtype would lose r's digits (at w = 1 the
+    # first cumulative-average batch, b - r rounds to -r when b << r)
+    widest = "float64" if "float64" in info.dtypes else "float32"
+    mean_weight = _cast(info, count > 0, widest) * momentum
     if unbiased:
         few = _cast(info, count < 2, wide)
         stored = m2 / (n - 1.0 + 2.0 * few)  # 0 / (1 or 2) where fewer than two values count
-        var_weight = _cast(info, count > 1, dtype) * momentum
+        var_weight = _cast(info, count > 1, widest) * momentum
     else:
         stored = var
-        var_weight = _cast(info, count > 0, dtype) * momentum
-    mean_weight = _cast(info, count > 0, dtype) * momentum
-    new_mean = running_mean + (_cast(info, mean, dtype) - running_mean) * mean_weight
-    new_var = running_var + (_cast(info, stored, dtype) - running_var) * var_weight
+        var_weight = mean_weight
+    new_mean = _mix(info, running_mean, mean, mean_weight, widest)
+    new_var = _mix(info, running_var, stored, var_weight, widest)
     return y, new_mean, new_var

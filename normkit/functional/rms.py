@@ -31,9 +31,10 @@ def check_weight_offset(value: object) -> float:
     return float(value)
 
 
-def resolve_eps(eps: float | None, p: presets.Preset, dtype: str) -> float:
-    """``eps``, else the preset's, else (PyTorch's ``None``) the compute dtype's machine epsilon."""
-    if eps is None:
+def resolve_eps(eps: float | presets._Default | None, p: presets.Preset, dtype: str) -> float:
+    """``eps``; ``DEFAULT``: the preset's; ``None`` (PyTorch's, under any preset): the compute
+    dtype's machine epsilon."""
+    if eps is presets.DEFAULT:
         eps = p.rms_norm_eps
     return presets.check_eps(presets.machine_eps(dtype) if eps is None else eps)
 
@@ -44,7 +45,7 @@ def rms_norm(
     *,
     normalized_shape: int | Sequence[int] | None = None,
     axis: int | Sequence[int] | None = None,
-    eps: float | None = None,
+    eps: float | presets._Default | None = presets.DEFAULT,
     weight_offset: float | None = None,
     cast: presets.RmsCast | None = None,
     preset: str | presets.Preset = "torch",
@@ -61,9 +62,9 @@ def rms_norm(
     :param weight: ``w`` with the normalized dimensions' shape, or ``None``.
     :param normalized_shape: PyTorch style: the sizes of the trailing dimensions to normalize.
     :param axis: Keras style: an axis or axes to normalize over (default: the last).
-    :param eps: default the preset's: torch ``None`` (the compute dtype's machine epsilon,
-        1.19e-7 for float32 and narrower, as ``torch.nn.RMSNorm``), keras/flax/llama/gemma 1e-6,
-        onnx 1e-5.
+    :param eps: default the preset's: torch ``None``, keras/flax/llama/gemma 1e-6, onnx 1e-5.
+        ``None`` (under any preset) is PyTorch's: the compute dtype's machine epsilon, 1.19e-7 for
+        float32 and narrower input, 2.2e-16 for float64.
     :param weight_offset: ``o`` (default the preset's: 0; gemma 1 for :math:`1 + w`).
     :param cast: ``"after_weight"`` (torch, Keras, Flax, Gemma: round once after the weight) or
         ``"before_weight"`` (Llama, ONNX: round the normalized value to the input dtype, then
@@ -84,7 +85,7 @@ def _rms_norm(
     shape: tuple[int, ...],
     axes: tuple[int, ...],
     weight: Array | None,
-    eps: float | None,
+    eps: float | presets._Default | None,
     weight_offset: float | None,
     cast: str | None,
     p: presets.Preset,

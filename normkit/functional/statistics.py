@@ -40,6 +40,7 @@ import numpy as np
 from normkit import presets
 from normkit._registry import Backend, backend_for, type_name
 from normkit.functional._checks import (
+    FLOAT_DTYPES,
     _backend,
     _check_axis,
     _check_input,
@@ -67,9 +68,13 @@ class Moments(NamedTuple):
         r"""The variance, :math:`M_2/n` (biased) or :math:`M_2/(n-1)` (``unbiased=True``), in the
         dtype of ``m2``; NaN where :math:`n` is 0 (or 1, unbiased)."""
         info = backend_for(self.m2).info
-        count = _cast(info, self.count, info.dtype_name(self.m2))
+        dtype = info.dtype_name(self.m2)
+        count = _cast(info, self.count, dtype)
         with np.errstate(divide="ignore", invalid="ignore"):  # NumPy's 0/0 is the documented NaN
-            return self.m2 / (count - 1.0) if unbiased else self.m2 / count
+            if not unbiased:
+                return self.m2 / count
+            # n - 1, and 0 (so 0/0: NaN, not -0.0) where n = 0
+            return self.m2 / (count - 1.0 + _cast(info, self.count == 0, dtype))
 
 
 def _cast(info: Any, array: Array, dtype: str) -> Array:
@@ -174,6 +179,8 @@ def merge_moments(*parts: Moments | tuple[Array, Array, Array]) -> Moments:
     shape = tuple(info.shape(first.mean))
     merged: Moments | None = None
     for index, part in enumerate(parts):
+        if len(part) != 3:
+            raise ValueError(f"parts[{index}] has {len(part)} fields; expected (count, mean, m2)")
         part = Moments(*part)
         for name, value in zip(Moments._fields, part, strict=True):
             if not be.handles(type(value)):
@@ -185,10 +192,19 @@ def merge_moments(*parts: Moments | tuple[Array, Array, Array]) -> Moments:
                 raise ValueError(
                     f"parts[{index}].{name} has shape {tuple(info.shape(value))}; expected {shape} (parts[0]'s)"
                 )
-        current = Moments(part.count, _cast(info, part.mean, wide), _cast(info, part.m2, wide))
+            dtype = info.dtype_name(value)
+            kind_ok = dtype.startswith(("int", "uint")) if name == "count" else dtype in FLOAT_DTYPES
+            if not kind_ok:
+                expected = (
+                    "an integer dtype" if name == "count" else f"a floating dtype, one of {FLOAT_DTYPES}"
+                )
+                raise TypeError(f"parts[{index}].{name} has dtype {dtype}; expected {expected}")
+        count = part.count if info.dtype_name(part.count) == "int64" else _cast(info, part.count, "int64")
+        current = Moments(count, _cast(info, part.mean, wide), _cast(info, part.m2, wide))
         merged = current if merged is None else _chan(info, merged, current, wide)
     assert merged is not None
-    return merged
+    # NumPy turns arithmetic on 0-d arrays into scalars, which are no backend's arrays
+    return Moments(*(np.asarray(v) if isinstance(v, np.generic) else v for v in merged))
 
 
 def _chan(info: Any, a: Moments, b: Moments, wide: str) -> Moments:
@@ -230,6 +246,9 @@ def normalize(
     shape = _check_input(be, x, 1, "normalize")
     axis = _check_axis(axis, len(shape))
     channels = (shape[axis],)
+    for name, value in (("mean", mean), ("var", var)):
+        if value is None:
+            raise TypeError(f"{name} is None; expected an array of shape {channels}")
     for name, value in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
         _check_param(be, name, value, channels, x)
     eps = presets.check_eps(eps)

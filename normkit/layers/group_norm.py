@@ -106,5 +106,6 @@ class GroupNorm(_Layer):
         y = group_ops._group_norm(
             be, x, shape, self.num_groups, axis, state.weight, state.bias, self.eps, self._preset
         )
-        self._state, self._state_backend = state, self._state_backend or be
+        # a layer without arrays holds no backend's state: it takes any backend's input
+        self._state, self._state_backend = state, self._state_backend or (be if state.arrays() else None)
         return y

@@ -73,5 +73,6 @@ class LayerNorm(_AxesNorm):
                 bias=be.info.full(param_shape, 0.0, dtype, x) if self.has_bias else None,
             )
         y = layer_ops._layer_norm(be, x, shape, axes, state.weight, state.bias, self.eps, self._preset)
-        self._state, self._state_backend = state, self._state_backend or be
+        # a layer without arrays holds no backend's state: it takes any backend's input
+        self._state, self._state_backend = state, self._state_backend or (be if state.arrays() else None)
         return y

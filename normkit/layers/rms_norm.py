@@ -28,7 +28,9 @@ class RMSNorm(_AxesNorm):
 
     :param normalized_shape: sizes of the trailing dimensions to normalize (PyTorch style).
     :param axis: an axis or axes to normalize over (Keras style); default the last axis.
-    :param eps: default the preset's (torch ``None``: the compute dtype's machine epsilon).
+    :param eps: default the preset's (torch ``None``, keras 1e-6, ...); ``None`` under any preset
+        is PyTorch's: the compute dtype's machine epsilon, resolved per call (so a state converted
+        to another preset keeps it).
     :param elementwise_affine: keep a weight ``w``.
     :param weight_offset: ``o`` (default the preset's: 0; ``gemma`` 1).
     :param cast: ``"after_weight"`` or ``"before_weight"`` (default the preset's).
@@ -41,7 +43,7 @@ class RMSNorm(_AxesNorm):
         normalized_shape: int | Sequence[int] | None = None,
         *,
         axis: int | Sequence[int] | None = None,
-        eps: float | None = None,
+        eps: float | presets._Default | None = presets.DEFAULT,
         elementwise_affine: bool = True,
         weight_offset: float | None = None,
         cast: presets.RmsCast | None = None,
@@ -50,8 +52,8 @@ class RMSNorm(_AxesNorm):
     ) -> None:
         super().__init__(preset, backend)
         self._set_axes(normalized_shape, axis)
-        eps = self._preset.rms_norm_eps if eps is None else eps
-        self.eps = None if eps is None else presets.check_eps(eps)
+        eps = self._preset.rms_norm_eps if eps is presets.DEFAULT else eps
+        self.eps = None if eps is None else presets.check_eps(eps)  # None: PyTorch's machine epsilon
         self.elementwise_affine = bool(elementwise_affine)
         self.weight_offset = rms_ops.check_weight_offset(
             self._preset.rms_weight_offset if weight_offset is None else weight_offset
@@ -83,5 +85,6 @@ class RMSNorm(_AxesNorm):
         y = rms_ops._rms_norm(
             be, x, shape, axes, state.weight, self.eps, self.weight_offset, self.cast, self._preset
         )
-        self._state, self._state_backend = state, self._state_backend or be
+        # a layer without arrays holds no backend's state: it takes any backend's input
+        self._state, self._state_backend = state, self._state_backend or (be if state.arrays() else None)
         return y

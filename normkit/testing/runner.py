@@ -454,6 +454,9 @@ def _compare(
 ) -> None:
     if record:
         result.outputs.append(StepOutput(got, ref, bound))
+    if got.shape != ref.shape:
+        result.failures.append(f"{where}: shape {got.shape}, expected {ref.shape}")
+        return
     if got.size == 0:
         return
     error = np.abs(got - ref)
