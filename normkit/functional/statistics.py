@@ -131,7 +131,7 @@ def check_mask(be: Backend, mask: Array, shape: tuple[int, ...]) -> None:
 def moments(
     x: Array,
     *,
-    axis: int | Sequence[int] | None = 1,
+    axis: int | Sequence[int] | presets._Default | None = presets.DEFAULT,
     axes: int | Sequence[int] | None = None,
     mask: Array | None = None,
     backend: str | None = None,
@@ -150,9 +150,10 @@ def moments(
     """
     be = _backend(x, backend, 1, "moments")
     shape = _check_input(be, x, 1, "moments")
-    if axes is not None and axis not in (None, 1):
+    if axes is not None and axis is not presets.DEFAULT:
         raise ValueError("pass axis (the kept axes) or axes (the reduced axes), not both")
-    reduced = _reduced_axes(shape, None if axes is not None else axis, axes)
+    kept = 1 if axis is presets.DEFAULT else axis
+    reduced = _reduced_axes(shape, None if axes is not None else kept, axes)
     if mask is not None:
         check_mask(be, mask, shape)
     return Moments(*be.moments(x, reduced, mask, None, None))

@@ -205,7 +205,14 @@ class _AxesNorm(_Layer):
         self.normalized_shape = (
             None if normalized_shape is None else _checks.as_shape(normalized_shape, "normalized_shape")
         )
-        self.axis = tuple(axis) if isinstance(axis, Sequence) else axis
+        raw = tuple(axis) if isinstance(axis, Sequence) and not isinstance(axis, str) else axis
+        if raw is not None:  # ints now; their range is checked against the input's rank per call
+            names = raw if isinstance(raw, tuple) else (raw,)
+            if not names:
+                raise ValueError("axis=() names no axis to normalize over")
+            for a in names:
+                _checks._index(a, "axis")
+        self.axis = raw
 
     def _axes_config(self) -> dict[str, Any]:
         shape = self.normalized_shape
