@@ -80,9 +80,11 @@ def composite(op: str, info: BackendInfo, moments: Kernel, normalize: Kernel) ->
     def channel_norm(
         x, weight, bias, running_mean, running_var, use_batch, momentum, eps, axis, unbiased, first
     ):
-        if not use_batch:
-            return normalize(x, running_mean, running_var, weight, bias, eps, _other_axes(len(info.shape(x)), (axis,)), (axis,)), running_mean, running_var  # fmt: skip
         ndim = len(info.shape(x))
+        if not use_batch:  # eval: the running statistics, per channel
+            reduced = _other_axes(ndim, (axis,))
+            y = normalize(x, running_mean, running_var, weight, bias, eps, reduced, (axis,))
+            return y, running_mean, running_var
         kept = (0, axis) if first else (axis,)
         count, mean, m2 = statistics(x, _other_axes(ndim, kept))
         y = normalize(x, mean, m2 / count, weight, bias, eps, _other_axes(ndim, kept), (axis,))
