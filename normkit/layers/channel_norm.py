@@ -169,6 +169,8 @@ class _ChannelNorm(_Layer):
             raise ValueError(
                 f"x has shape {shape}: {shape[axis]} channels on axis {self.axis}, but this layer has {channels} (num_features)"
             )
+        for observe in getattr(self, "_input_observers", ()):  # normkit.testtime's recorders
+            observe(x, axis, mask)
         state = self._state if self._state is not None else self._initial_state(be, x, shape[axis])
         update = self.training and self.track_running_stats
         use_batch_stats = self.training or not self.track_running_stats
