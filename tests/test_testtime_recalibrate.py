@@ -150,7 +150,7 @@ def same(a: list[Any], b: list[Any]) -> bool:
 @pytest.mark.parametrize(
     ("model", "data", "options", "message"),
     [
-        ("no-norm", batches((4,)), {}, "no normkit BatchNorm"),
+        ("no-norm", batches((4,)), {}, "with no batch norm that tracks running statistics"),
         ("model", [], {}, "batches is empty"),
         (
             "model",

@@ -3,10 +3,12 @@ target-domain data), with more to come (prior mixing, freezing, folding, a diagn
 
 Each method has one implementation here, on normkit's moments and their exact merge
 (:mod:`normkit.functional.statistics`); a framework's models reach it through an adapter that
-finds their normalization layers. This module serves normkit's own layers, driven by a forward
-function the caller gives.
+finds their normalization layers (:mod:`normkit.testtime.sites`): PyTorch modules through
+``normkit_torch.testtime``, and normkit's own layers driven by a forward function the caller
+gives.
 """
 
 from normkit.testtime.recalibrate import ESTIMATORS, recalibrate
+from normkit.testtime.sites import find_batch_norms
 
-__all__ = ["ESTIMATORS", "recalibrate"]
+__all__ = ["ESTIMATORS", "find_batch_norms", "recalibrate"]

@@ -1,0 +1,110 @@
+r"""The PyTorch adapter of :mod:`normkit.testtime`: a model's batch norms as sites.
+
+Every ``torch.nn`` batch norm (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, the ``normkit_torch``
+drop-ins, anything subclassing ``torch.nn.modules.batchnorm._BatchNorm``) that tracks running
+statistics is a site. While recording, the model is in eval mode (dropout and every other
+training-only behaviour off) except the sites, which normalize with batch statistics as in
+training, under ``torch.no_grad()``; a forward pre-hook records the moments of each site's input
+(channels on dimension 1) with normkit's torch kernels. Afterwards every module's mode, each
+site's momentum and ``num_batches_tracked`` are as before, and the new statistics are copied
+into the existing buffers (references to them stay valid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normkit.testtime.sites import Recorder
+
+__all__ = ["ADAPTER", "TorchAdapter", "TorchSite"]
+
+
+class TorchSite:
+    """One ``torch.nn`` batch norm with running statistics."""
+
+    def __init__(self, name: str, module: _BatchNorm) -> None:
+        self.name, self.module = name, module
+        self.unbiased = getattr(module, "running_var_estimator", "unbiased") == "unbiased"
+        self._saved: dict[str, Any] = {}
+        self._hook: Any = None
+
+    def attach(self, recorder: Recorder) -> None:
+        module = self.module
+        self._saved = {  # the modes are the adapter's to restore (TorchAdapter.running)
+            "running_mean": module.running_mean.detach().clone(),
+            "running_var": module.running_var.detach().clone(),
+            "num_batches_tracked": None
+            if module.num_batches_tracked is None
+            else module.num_batches_tracked.detach().clone(),
+        }
+
+        def record(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            recorder(inputs[0].detach(), 1)
+
+        self._hook = module.register_forward_pre_hook(record)
+        module.train()
+
+    def _detach_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _put_back(self) -> None:
+        module, saved = self.module, self._saved
+        with torch.no_grad():
+            module.running_mean.copy_(saved["running_mean"])
+            module.running_var.copy_(saved["running_var"])
+            if saved["num_batches_tracked"] is not None:
+                module.num_batches_tracked.copy_(saved["num_batches_tracked"])
+
+    def commit(self, mean: np.ndarray, var: np.ndarray) -> None:
+        self._detach_hook()
+        self._put_back()
+        buffers = self.module.running_mean, self.module.running_var
+        with torch.no_grad():
+            for buffer, value in zip(buffers, (mean, var), strict=True):
+                buffer.copy_(torch.from_numpy(np.asarray(value, np.float64)).to(buffer.dtype))
+
+    def restore(self) -> None:
+        self._detach_hook()
+        if self._saved:
+            self._put_back()
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        return np.asarray(array.detach().cpu().double().numpy(), np.float64)
+
+
+class TorchAdapter:
+    """PyTorch modules: the sites are their batch norms; the model runs as ``model(x)``."""
+
+    def sites(self, model: object) -> dict[str, TorchSite]:
+        assert isinstance(model, nn.Module)
+        return {
+            name: TorchSite(name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, _BatchNorm)
+            and module.track_running_stats
+            and module.running_mean is not None
+        }
+
+    @contextlib.contextmanager
+    def running(self, model: object) -> Iterator[Callable[[Any], object]]:
+        assert isinstance(model, nn.Module)
+        modes = {module: module.training for module in model.modules()}
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield model
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+
+
+ADAPTER = TorchAdapter()

@@ -1,0 +1,138 @@
+"""normkit.testtime.recalibrate on PyTorch models: the stored statistics against the float64
+statistics of each batch norm's input over all batches (captured by independent hooks), dropout
+provably off, modes and counters restored, update_bn's rule reproduced, bad input refused."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import normkit_torch
+from normkit.testing.tolerances import statistics_tolerance
+from normkit.testtime import recalibrate
+
+
+def model(dropout: float = 0.5, bn: type = nn.BatchNorm2d) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), bn(4), nn.ReLU(), nn.Dropout(dropout), nn.Conv2d(4, 5, 1), bn(5), nn.Flatten()
+    )
+
+
+def batches(sizes: tuple[int, ...], seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 3, 6, 6, generator=g) * 2 + 3 for n in sizes]
+
+
+def trained(m: nn.Sequential) -> nn.Sequential:
+    m.train()
+    for x in batches((8,) * 4, seed=2):
+        m(x)
+    return m
+
+
+def captured_inputs(m: nn.Sequential, data: list[torch.Tensor], dropout_on: bool) -> dict[str, np.ndarray]:
+    """Each batch norm's inputs over all batches, (values, channels) in float64, captured by hooks
+    of this test (the batch norms normalizing with batch statistics, their buffers untouched)."""
+    m = copy.deepcopy(m)
+    m.eval()
+    seen: dict[str, list[np.ndarray]] = {}
+    for name, module in m.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train()
+            module.momentum = 0.0  # normalize with batch statistics; leave the buffers alone
+
+            def grab(mod: nn.Module, inputs: tuple[torch.Tensor, ...], name: str = name) -> None:
+                x = inputs[0].double().transpose(0, 1).reshape(inputs[0].shape[1], -1).T
+                seen.setdefault(name, []).append(x.numpy())
+
+            module.register_forward_pre_hook(grab)
+        if isinstance(module, nn.Dropout) and dropout_on:
+            module.train()
+    with torch.no_grad():
+        for x in data:
+            m(x)
+    return {name: np.concatenate(parts) for name, parts in seen.items()}
+
+
+def assert_population(m: nn.Sequential, inputs: dict[str, np.ndarray]) -> None:
+    modules = dict(m.named_modules())
+    for name, values in inputs.items():
+        magnitude = float(np.abs(values).max())
+        for key, expected, statistic in (
+            ("running_mean", values.mean(0), "mean"),
+            ("running_var", values.var(0, ddof=1), "var"),
+        ):
+            got = getattr(modules[name], key).double().numpy()
+            np.testing.assert_allclose(
+                got, expected, **statistics_tolerance("float32", statistic, magnitude).kwargs
+            )
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm2d, normkit_torch.BatchNorm2d], ids=["torch.nn", "drop-in"])
+def test_population_statistics_over_unequal_batches_with_dropout_off(bn: type) -> None:
+    m = trained(model(bn=bn))
+    data = batches((2, 5, 1, 11))
+    recalibrate(m, data)
+    assert_population(m, captured_inputs(m, data, dropout_on=False))
+    with pytest.raises(AssertionError):  # had dropout been on, the second layer's input differs
+        assert_population(m, captured_inputs(m, data, dropout_on=True))
+
+
+def test_modes_momenta_counters_and_buffer_objects_are_kept() -> None:
+    m = trained(model())
+    m[3].eval()  # a mixed state, kept as it was
+    modes = [module.training for module in m.modules()]
+    counters = [m[1].num_batches_tracked.item(), m[5].num_batches_tracked.item()]
+    buffers = [m[1].running_mean, m[5].running_var]
+    momenta = [m[1].momentum, m[5].momentum]
+    parameters = [p.detach().clone() for p in m.parameters()]
+    recalibrate(m, [(x, torch.zeros(len(x))) for x in batches((4, 6))])
+    assert [module.training for module in m.modules()] == modes
+    assert [m[1].num_batches_tracked.item(), m[5].num_batches_tracked.item()] == counters
+    assert m[1].running_mean is buffers[0] and m[5].running_var is buffers[1]
+    assert [m[1].momentum, m[5].momentum] == momenta
+    for before, after in zip(parameters, m.parameters(), strict=True):
+        assert torch.equal(before, after)
+
+
+def test_batch_average_is_update_bn() -> None:
+    """On a model without dropout (update_bn puts the whole model in train mode)."""
+    m = trained(model(dropout=0.0))
+    theirs = copy.deepcopy(m)
+    data = batches((2, 3, 7, 4))
+    recalibrate(m, data, estimator="batch-average")
+    torch.optim.swa_utils.update_bn(data, theirs)
+    magnitude = float(max(x.abs().max() for x in data)) * 10  # the second layer's inputs are larger
+    for ours, reference in ((m[1], theirs[1]), (m[5], theirs[5])):
+        for key, statistic in (("running_mean", "mean"), ("running_var", "var")):
+            tolerance = statistics_tolerance("float32", statistic, magnitude).pairwise()
+            torch.testing.assert_close(getattr(ours, key), getattr(reference, key), **tolerance.kwargs)
+
+
+def state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("make", "data", "error", "message"),
+    [
+        (lambda: nn.Sequential(nn.Linear(3, 3)), [torch.ones(2, 3)], ValueError, "no batch norm"),
+        (lambda: trained(model()), [], ValueError, "batches is empty"),
+        (lambda: trained(model()), [*batches((4,)), torch.ones(4, 5, 6, 6)], RuntimeError, "channels"),
+    ],
+    ids=["no-batch-norm", "empty", "channel-count"],
+)
+def test_bad_input_is_refused_and_the_model_is_unchanged(make, data, error, message) -> None:
+    m = make()
+    before, modes = state(m), [module.training for module in m.modules()]
+    with pytest.raises(error, match=message):
+        recalibrate(m, data)
+    after = state(m)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [module.training for module in m.modules()] == modes
+    assert not any(module._forward_pre_hooks for module in m.modules())
