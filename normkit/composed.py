@@ -27,8 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
+from normkit.functional._arrays import cast, mix
 from normkit.hookspecs import BackendInfo
 
 __all__ = ["composite"]
@@ -38,17 +37,6 @@ TINY = 1e-30
 
 Array = Any
 Kernel = Callable[..., Any]
-
-
-def _caster(info: BackendInfo) -> Callable[[Array, str], Array]:
-    if info.astype is not None:
-        return info.astype
-
-    def through_numpy(array: Array, dtype: str) -> Array:
-        values = np.asarray(info.to_numpy(array))
-        return info.asarray(values.astype(np.float64), dtype, info.device(array))
-
-    return through_numpy
 
 
 def _compute(dtype: str) -> str:
@@ -62,20 +50,17 @@ def _other_axes(ndim: int, kept: tuple[int, ...]) -> tuple[int, ...]:
 def composite(op: str, info: BackendInfo, moments: Kernel, normalize: Kernel) -> Kernel | None:
     """The kernel for composite ``op`` built from ``moments`` and ``normalize`` (``None`` for a
     primitive, which cannot be composed)."""
-    astype = _caster(info)
+
+    def astype(array: Array, dtype: str) -> Array:
+        return cast(info, array, dtype)
 
     def statistics(x: Array, axes: tuple[int, ...], group_axis: int | None = None, groups: int | None = None):
         count, mean, m2 = moments(x, axes, None, group_axis, groups)
         cdt = _compute(info.dtype_name(x))
         return astype(count, cdt), mean, m2
 
-    widest = "float64" if "float64" in info.dtypes else "float32"
-
     def update(old: Array, batch: Array, momentum: float) -> Array:
-        """``(1 - m) old + m batch`` in the widest float, back in ``old``'s dtype (``old + m (batch
-        - old)`` in a narrow dtype would lose ``old``'s digits at ``m = 1``)."""
-        mixed = astype(old, widest) * (1.0 - momentum) + astype(batch, widest) * momentum
-        return astype(mixed, info.dtype_name(old))
+        return mix(info, old, batch, momentum)
 
     def channel_norm(
         x, weight, bias, running_mean, running_var, use_batch, momentum, eps, axis, unbiased, first

@@ -20,17 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 from normkit._registry import Backend
-from normkit.functional.statistics import _cast
+from normkit.functional._arrays import cast, mix, widest_float
 
 __all__ = ["masked_batch_norm"]
 
 Array = Any
-
-
-def _mix(info: Any, old: Array, batch: Array, weight: Array, widest: str) -> Array:
-    """``(1 - weight) * old + weight * batch`` in ``widest``, returned in ``old``'s dtype."""
-    mixed = _cast(info, old, widest) * (1.0 - weight) + _cast(info, batch, widest) * weight
-    return _cast(info, mixed, info.dtype_name(old))
 
 
 def masked_batch_norm(
@@ -53,8 +47,8 @@ def masked_batch_norm(
     reduced = tuple(a for a in range(ndim) if a != axis)
     count, mean, m2 = be.moments(x, reduced, mask, None, None)
     wide = info.dtype_name(mean)
-    n = _cast(info, count, wide)
-    empty = _cast(info, count == 0, wide)
+    n = cast(info, count, wide)
+    empty = cast(info, count == 0, wide)
     var = m2 / (n + empty)  # 0 / 1 for an empty channel
     if out is not None:
         y = be.normalize(x, mean, var, weight, bias, eps, reduced, (axis,), out=out)
@@ -65,15 +59,15 @@ def masked_batch_norm(
     # (1 - w) r + w b per channel, in the widest float the backend has, then cast back to each
     # statistic's own dtype: r + w (b - r) in the state dtype would lose r's digits (at w = 1 the
     # first cumulative-average batch, b - r rounds to -r when b << r)
-    widest = "float64" if "float64" in info.dtypes else "float32"
-    mean_weight = _cast(info, count > 0, widest) * momentum
+    widest = widest_float(info)
+    mean_weight = cast(info, count > 0, widest) * momentum
     if unbiased:
-        few = _cast(info, count < 2, wide)
+        few = cast(info, count < 2, wide)
         stored = m2 / (n - 1.0 + 2.0 * few)  # 0 / (1 or 2) where fewer than two values count
-        var_weight = _cast(info, count > 1, widest) * momentum
+        var_weight = cast(info, count > 1, widest) * momentum
     else:
         stored = var
         var_weight = mean_weight
-    new_mean = _mix(info, running_mean, mean, mean_weight, widest)
-    new_var = _mix(info, running_var, stored, var_weight, widest)
+    new_mean = mix(info, running_mean, mean, mean_weight)
+    new_var = mix(info, running_var, stored, var_weight)
     return y, new_mean, new_var

@@ -39,6 +39,7 @@ import numpy as np
 
 from normkit import presets
 from normkit._registry import Backend, backend_for, type_name
+from normkit.functional._arrays import cast, widest_float
 from normkit.functional._checks import (
     FLOAT_DTYPES,
     _backend,
@@ -69,18 +70,12 @@ class Moments(NamedTuple):
         dtype of ``m2``; NaN where :math:`n` is 0 (or 1, unbiased)."""
         info = backend_for(self.m2).info
         dtype = info.dtype_name(self.m2)
-        count = _cast(info, self.count, dtype)
+        count = cast(info, self.count, dtype)
         with np.errstate(divide="ignore", invalid="ignore"):  # NumPy's 0/0 is the documented NaN
             if not unbiased:
                 return self.m2 / count
             # n - 1, and 0 (so 0/0: NaN, not -0.0) where n = 0
-            return self.m2 / (count - 1.0 + _cast(info, self.count == 0, dtype))
-
-
-def _cast(info: Any, array: Array, dtype: str) -> Array:
-    if info.astype is not None:
-        return info.astype(array, dtype)
-    return info.asarray(np.asarray(info.to_numpy(array)).astype(np.float64), dtype, info.device(array))
+            return self.m2 / (count - 1.0 + cast(info, self.count == 0, dtype))
 
 
 def _reduced_axes(
@@ -176,7 +171,7 @@ def merge_moments(*parts: Moments | tuple[Array, Array, Array]) -> Moments:
     first = Moments(*parts[0])
     be = backend_for(first.mean)
     info = be.info
-    wide = "float64" if "float64" in info.dtypes else "float32"
+    wide = widest_float(info)
     shape = tuple(info.shape(first.mean))
     merged: Moments | None = None
     for index, part in enumerate(parts):
@@ -200,8 +195,8 @@ def merge_moments(*parts: Moments | tuple[Array, Array, Array]) -> Moments:
                     "an integer dtype" if name == "count" else f"a floating dtype, one of {FLOAT_DTYPES}"
                 )
                 raise TypeError(f"parts[{index}].{name} has dtype {dtype}; expected {expected}")
-        count = part.count if info.dtype_name(part.count) == "int64" else _cast(info, part.count, "int64")
-        current = Moments(count, _cast(info, part.mean, wide), _cast(info, part.m2, wide))
+        count = part.count if info.dtype_name(part.count) == "int64" else cast(info, part.count, "int64")
+        current = Moments(count, cast(info, part.mean, wide), cast(info, part.m2, wide))
         merged = current if merged is None else _chan(info, merged, current, wide)
     assert merged is not None
     # NumPy turns arithmetic on 0-d arrays into scalars, which are no backend's arrays
@@ -210,8 +205,8 @@ def merge_moments(*parts: Moments | tuple[Array, Array, Array]) -> Moments:
 
 def _chan(info: Any, a: Moments, b: Moments, wide: str) -> Moments:
     count = a.count + b.count
-    na, nb, n = (_cast(info, c, wide) for c in (a.count, b.count, count))
-    safe = n + _cast(info, count == 0, wide)  # 1 where both parts are empty: then delta * 0 / 1
+    na, nb, n = (cast(info, c, wide) for c in (a.count, b.count, count))
+    safe = n + cast(info, count == 0, wide)  # 1 where both parts are empty: then delta * 0 / 1
     delta = b.mean - a.mean
     mean = a.mean + delta * (nb / safe)
     m2 = a.m2 + b.m2 + delta * delta * (na * nb / safe)

@@ -360,7 +360,7 @@ def normkit_layer_norm(x, weight, bias, axes, eps, *, out=None):
 @hookimpl
 def normkit_moments(x, axes, mask, group_axis, num_groups):
     glue = _glue()
-    if glue is not None and hasattr(glue, "moments"):
+    if glue is not None:
         result = glue.moments(x, tuple(axes), mask, group_axis, num_groups)
         if result is not None:
             return result
@@ -375,7 +375,7 @@ def normkit_normalize(x, mean, var, weight, bias, eps, axes, param_axes, *, out=
 @hookimpl
 def normkit_group_norm(x, num_groups, weight, bias, eps, axis, *, out=None):
     glue = _glue()
-    if glue is not None and hasattr(glue, "group_norm"):
+    if glue is not None:
         y = glue.group_norm(x, num_groups, weight, bias, eps, axis, out)
         if y is not None:
             return y
@@ -385,7 +385,7 @@ def normkit_group_norm(x, num_groups, weight, bias, eps, axis, *, out=None):
 @hookimpl
 def normkit_rms_norm(x, weight, axes, eps, weight_offset, cast_before_weight, *, out=None):
     glue = _glue()
-    if glue is not None and hasattr(glue, "rms_norm"):
+    if glue is not None:
         y = glue.rms_norm(x, weight, tuple(axes), eps, weight_offset, cast_before_weight, out)
         if y is not None:
             return y

@@ -20,7 +20,8 @@ import pytest
 import tensorflow as tf
 
 from normkit import reference
-from normkit._registry import backend_named, load_backend
+from normkit._registry import backend_for, backend_named, load_backend
+from normkit.functional.masked import masked_batch_norm
 from normkit.numpy_backend import numpy_dtype
 from normkit.testing.tolerances import (
     CENTERING_FACTOR,
@@ -593,7 +594,8 @@ def masked_reference(x, mask, weight, bias, running_mean, running_var, *, moment
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
 def test_masked_batch_norm_follows_the_reference_per_channel(unbiased: bool, mode: str) -> None:
-    """Unequal counts per channel (mask along the channel axis): channel 0 has no value counted
+    """normkit's masked batch norm (the composition the Keras layer calls) on TensorFlow's
+    kernels, eagerly, in tf.function and under XLA. Unequal counts per channel (mask along the channel axis): channel 0 has no value counted
     and keeps its running statistics; channel 1 has one (the unbiased variance keeps its own)."""
     shape, axis = (6, 4, 5), 1
     x = sample(shape, "float32", 170)
@@ -605,7 +607,9 @@ def test_masked_batch_norm_follows_the_reference_per_channel(unbiased: bool, mod
     rm, rv = rng.normal(size=4), rng.uniform(0.5, 2.0, size=4)
     args = [tf.constant(v.astype("float32")) for v in (weight, bias, rm, rv)]
     y, new_mean, new_var = run(
-        lambda t: kernels.masked_batch_norm(t, tf.constant(mask), *args, 0.1, 1e-3, axis, unbiased),
+        lambda t: masked_batch_norm(
+            backend_for(t), t, tf.constant(mask), axis, *args, 0.1, 1e-3, unbiased, None
+        ),
         tensor(x),
         mode,
     )
@@ -664,7 +668,9 @@ def test_masked_batch_norm_gradients_match_finite_differences_of_the_reference()
     tx, tw, tb = tf.constant(x), tf.constant(w), tf.constant(b)
     with tf.GradientTape() as tape:
         tape.watch([tx, tw, tb])
-        y, _, _ = kernels.masked_batch_norm(tx, tf.constant(mask), tw, tb, None, None, 0.1, eps, axis, False)
+        y, _, _ = masked_batch_norm(
+            backend_for(tx), tx, tf.constant(mask), axis, tw, tb, None, None, 0.1, eps, False, None
+        )
         total = tf.reduce_sum(tf.constant(g) * y)
     got = tape.gradient(total, [tx, tw, tb])
     _, mean, m2 = reference.moments(x, (0, 2), mask)

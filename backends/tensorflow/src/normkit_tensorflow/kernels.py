@@ -43,9 +43,9 @@ Spec version 2 adds the two primitives and two composites, on the same shifted t
   correction, so they keep their extra precision.
 * :func:`group_norm` is :func:`moments` and :func:`normalize` fused on the reshaped input: the
   output is :math:`(d - \bar d)\,a + \beta`, with no rounding of a large mean in it.
-* :func:`masked_batch_norm` (Keras's masks in ``normkit_tensorflow.BatchNormalization``) is
-  :func:`moments` with the mask, :func:`normalize`, and a running update per channel that skips
-  a channel without the values it needs.
+* Keras's masks in ``normkit_tensorflow.BatchNormalization`` go through normkit's one
+  composition, :func:`normkit.functional.masked.masked_batch_norm`, on :func:`moments` and
+  :func:`normalize`.
 * :func:`rms_norm` is :math:`x / \sqrt{\overline{x^2} + \epsilon}\,(w + o)`, the mean square
   taken one axis at a time (one ``tf.reduce_mean`` over the last axis, as Keras's
   ``RMSNormalization``); for half-precision input the cast to the input dtype comes after the
@@ -65,7 +65,6 @@ __all__ = [
     "group_norm",
     "instance_norm",
     "layer_norm",
-    "masked_batch_norm",
     "moments",
     "normalize",
     "rms_norm",
@@ -480,50 +479,3 @@ def rms_norm(
     if cast_before_weight and x.dtype in (tf.float16, tf.bfloat16):
         z = tf.cast(tf.cast(z, x.dtype), cdt)
     return tf.cast(z * w, x.dtype)
-
-
-def masked_batch_norm(
-    x: Tensor,
-    mask: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    momentum: float,
-    eps: float,
-    axis: int,
-    unbiased_running_var: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    r"""Training-mode batch norm with statistics over the values where ``mask`` (boolean,
-    broadcastable to ``x``, same rank) is true: :func:`moments` with the mask, then
-    :func:`normalize` at every position (masked ones too), then the running update per channel.
-
-    For channel :math:`c` with :math:`n_c` values counted, :math:`\sigma^2_c = M_{2,c}/n_c`
-    (0 when :math:`n_c = 0`) and
-
-    .. math::
-
-       \hat\mu_c \leftarrow (1-m)\,\hat\mu_c + m\,\mu_c \text{ if } n_c > 0, \qquad
-       \hat\sigma^2_c \leftarrow (1-m)\,\hat\sigma^2_c + m\,v_c \text{ if } n_c > k ,
-
-    with :math:`v_c = M_{2,c}/(n_c - 1)`, :math:`k = 1` (``unbiased_running_var``) or
-    :math:`v_c = \sigma^2_c`, :math:`k = 0`; otherwise the running statistic is kept. A channel with
-    nothing counted keeps its running statistics (Keras's own layer pulls them toward 0).
-    Returns ``(y, running_mean, running_var)`` like :func:`batch_norm`."""
-    x = tf.convert_to_tensor(x)
-    cdt = compute_dtype(x)
-    axes = tuple(a for a in range(len(x.shape)) if a != axis)
-    count, mean, m2 = moments(x, axes, mask, None, None)
-    n = tf.cast(count, cdt)
-    var = m2 / tf.maximum(n, 1.0)
-    y = normalize(x, mean, var, weight, bias, eps, axes, (axis,))
-    if running_mean is None or running_var is None:
-        return y, None, None
-    mean, m2, var = tf.stop_gradient(mean), tf.stop_gradient(m2), tf.stop_gradient(var)
-    stored = m2 / tf.maximum(n - 1.0, 1.0) if unbiased_running_var else var
-    running_mean, running_var = tf.convert_to_tensor(running_mean), tf.convert_to_tensor(running_var)
-    new_mean = tf.where(count > 0, _updated(running_mean, mean, momentum), running_mean)
-    new_var = tf.where(
-        count > (1 if unbiased_running_var else 0), _updated(running_var, stored, momentum), running_var
-    )
-    return y, new_mean, new_var

@@ -50,6 +50,7 @@ import normkit
 from normkit import presets
 from normkit._registry import backend_for
 from normkit.errors import StateDictError
+from normkit.functional.masked import masked_batch_norm
 from normkit_tensorflow import kernels
 
 __all__ = [
@@ -301,17 +302,19 @@ class BatchNormalization(_PresetOptions, keras.layers.BatchNormalization):
         if use_batch_stats:
             self._check_values_per_group(inputs, [a for a in range(rank) if a != axis])
         if use_batch_stats and mask is not None:
-            y, mean, var = kernels.masked_batch_norm(
+            y, mean, var = masked_batch_norm(  # normkit's one composition, on this backend's kernels
+                backend_for(inputs),
                 inputs,
                 tf.expand_dims(tf.cast(mask, tf.bool), -1),
-                self.gamma,
-                self.beta,
-                self.moving_mean,
-                self.moving_variance,
+                axis,
+                *(  # Keras variables as tensors (normkit's arrays)
+                    None if v is None else tf.convert_to_tensor(v)
+                    for v in (self.gamma, self.beta, self.moving_mean, self.moving_variance)
+                ),
                 1.0 - self.momentum,
                 self.epsilon,
-                axis,
                 self.unbiased_running_var,
+                None,
             )
         else:
             y, mean, var = kernels.batch_norm(
