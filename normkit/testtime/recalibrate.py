@@ -21,25 +21,20 @@ anything fails, the layers are left exactly as they were.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 from normkit.functional.statistics import Moments, merge_moments
-from normkit.testtime.sites import Recorder, Site, adapter_for
+from normkit.testtime.recording import recorded
+from normkit.testtime.sites import Site
 
 __all__ = ["ESTIMATORS", "recalibrate"]
 
 ESTIMATORS = ("population", "batch-average")
 
 Array = Any
-
-
-def _input_of(batch: object) -> Array:
-    """A batch's input: the batch itself, or the first element of a tuple or list (``(x, y)``)."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _stored(site: Site, m: Moments) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +58,7 @@ def recalibrate(
     *,
     forward: Callable[[Array], object] | None = None,
     estimator: str = "population",
-    progress: bool = False,
+    progress: bool = True,
 ) -> dict[str, Moments]:
     """Set every batch norm's running statistics to the statistics of its input over ``batches``.
 
@@ -77,7 +72,7 @@ def recalibrate(
         put in eval mode).
     :param estimator: ``"population"`` (exact pooled statistics) or ``"batch-average"``
         (``update_bn``'s average of per-batch statistics); see the module docstring.
-    :param progress: print a line per batch to stderr.
+    :param progress: show a progress bar on stderr once the run has taken a second.
     :returns: each layer's merged :class:`~normkit.Moments` over all batches, by name.
     :raises ValueError: for an unknown estimator, a model without batch norm, no batches, or a
         layer that no batch reached; any error (a batch the model refuses included) leaves the
@@ -86,38 +81,8 @@ def recalibrate(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r}; expected one of {ESTIMATORS}")
-    adapter = adapter_for(model)
-    sites = adapter.sites(model)
-    if not sites:
-        raise ValueError(
-            f"model is a {type(model).__name__} with no batch norm that tracks running statistics; "
-            f"nothing to recalibrate"
-        )
-    recorders = {name: Recorder() for name in sites}
-    attached: list[Site] = []
-    try:
-        with adapter.running(model) as default_forward:
-            run = forward or default_forward
-            for name, site in sites.items():
-                site.attach(recorders[name])
-                attached.append(site)
-            seen = 0
-            for seen, batch in enumerate(batches, start=1):
-                run(_input_of(batch))
-                if progress:
-                    print(f"\rrecalibrate: batch {seen}", end="", file=sys.stderr, flush=True)
-            if progress and seen:
-                print(file=sys.stderr)
-        if seen == 0:
-            raise ValueError("batches is empty; recalibration needs at least one batch")
-        silent = [name or "the layer" for name in sites if not recorders[name].parts]
-        if silent:
-            raise ValueError(f"no batch reached the layer(s) {silent}: forward does not call them")
-        estimates = {name: _estimate(site, recorders[name].parts, estimator) for name, site in sites.items()}
-    except BaseException:
-        for site in attached:
-            site.restore()
-        raise
-    for name, site in sites.items():
-        site.commit(*estimates[name])
-    return {name: merge_moments(*recorder.parts) for name, recorder in recorders.items()}
+    with recorded(model, batches, forward=forward, progress=progress, task="recalibrate") as (sites, parts):
+        estimates = {name: _estimate(site, parts[name], estimator) for name, site in sites.items()}
+        for name, site in sites.items():
+            site.commit(*estimates[name])
+        return {name: merge_moments(*parts[name]) for name in sites}

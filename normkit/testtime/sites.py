@@ -20,18 +20,53 @@ import numpy as np
 from normkit.functional.statistics import Moments, moments
 from normkit.layers.channel_norm import BatchNorm
 
-__all__ = ["Adapter", "Recorder", "Site", "adapter_for", "find_batch_norms"]
+__all__ = ["Adapter", "EvalForward", "LayerView", "Recorder", "Site", "adapter_for", "find_batch_norms"]
 
 Array = Any
 
 
+@dataclass(frozen=True)
+class LayerView:
+    """What an eval-mode replacement sees of a batch-norm layer at the moment of a call: its
+    arrays (the framework's, current values) and its conventions."""
+
+    axis: int
+    eps: float
+    running_mean: Array
+    running_var: Array
+    weight: Array | None
+    bias: Array | None
+
+
+EvalForward = Callable[[Array, LayerView], Array]
+"""What a layer computes in eval mode while substituted: ``y = forward(x, view)``."""
+
+
 @dataclass
 class Recorder:
-    """The moments of one layer's input, batch by batch (over every axis but the channel axis)."""
+    """The moments of one layer's input, batch by batch (over every axis but the channel axis).
 
+    :param name: the layer's name in the model, for messages.
+    :param channels: the layer's channel count, if known: an input with another count is refused
+        before the layer sees it.
+    """
+
+    name: str = ""
+    channels: int | None = None
+    batch: int = 0
+    """The number of the batch being run (from 1), for messages."""
     parts: list[Moments] = field(default_factory=list)
 
     def __call__(self, x: Array, axis: int, mask: Array | None = None) -> None:
+        shape = tuple(x.shape)
+        if self.channels is not None and (
+            not -len(shape) <= axis < len(shape) or shape[axis] != self.channels
+        ):
+            raise ValueError(
+                f"batch {self.batch}: layer {self.name or 'the layer'!r} got an input of shape {shape} with "
+                f"{shape[axis] if -len(shape) <= axis < len(shape) else 'no'} channels on axis {axis}; "
+                f"expected {self.channels} (the layer's num_features)"
+            )
         self.parts.append(moments(x, axis=axis, mask=mask))
 
 
@@ -41,6 +76,14 @@ class Site(Protocol):
     name: str
     unbiased: bool
     """Whether the layer stores the unbiased variance."""
+    eps: float
+    """The layer's eps."""
+    channels: int | None
+    """The layer's channel count, when known."""
+
+    def running(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The layer's running mean and variance as float64 NumPy arrays (``None`` before the
+        layer has any)."""
 
     def attach(self, recorder: Recorder) -> None:
         """Remember the layer's state and mode, and record its input from now on (the layer
@@ -48,13 +91,24 @@ class Site(Protocol):
 
     def commit(self, mean: np.ndarray, var: np.ndarray) -> None:
         """Stop recording; put everything back but the running statistics, which become
-        ``mean`` and ``var`` (float64, cast to the layer's dtype)."""
+        ``mean`` and ``var`` (float64, cast to the layer's dtype). A later :meth:`restore`
+        does nothing."""
 
     def restore(self) -> None:
-        """Stop recording and put the layer back exactly as it was."""
+        """Stop recording and put the layer back exactly as it was (nothing, after
+        :meth:`commit` or without :meth:`attach`)."""
 
     def to_numpy(self, array: Array) -> np.ndarray:
         """A recorded statistic as a NumPy array."""
+
+    def substitute(self, forward: EvalForward | None) -> None:
+        """From now on the layer, when in eval mode, returns ``forward(x, view)`` instead of
+        normalizing with its running statistics (training mode is unchanged); ``None`` puts
+        the layer's own eval back exactly."""
+
+    @property
+    def substituted(self) -> bool:
+        """Whether an eval forward is substituted now."""
 
 
 class Adapter(Protocol):
@@ -93,11 +147,20 @@ class NormkitSite:
     def __init__(self, name: str, layer: BatchNorm) -> None:
         self.name, self.layer = name, layer
         self.unbiased = layer.running_var_estimator == "unbiased"
+        self.eps = layer.eps
+        self.channels = layer._channels()
         self._saved: tuple[Any, ...] = ()
+
+    def running(self) -> tuple[np.ndarray, np.ndarray] | None:
+        saved = self._saved[1] if self._saved else self.layer._state
+        if saved is None or saved.running_mean is None:
+            return None
+        return self.to_numpy(saved.running_mean), self.to_numpy(saved.running_var)
 
     def attach(self, recorder: Recorder) -> None:
         layer = self.layer
         self._saved = (layer.training, layer._state, layer._state_backend)
+        recorder.channels = self.channels
         layer._input_observers = (recorder,)
         layer.train()
 
@@ -115,16 +178,35 @@ class NormkitSite:
         layer._state = state.replace(
             running_mean=info.asarray(mean, dtype, device), running_var=info.asarray(var, dtype, device)
         )
+        self._saved = ()
 
     def restore(self) -> None:
         layer = self.layer
         layer._input_observers = ()
         if self._saved:
             layer.training, layer._state, layer._state_backend = self._saved
+            self._saved = ()
 
     def to_numpy(self, array: Array) -> np.ndarray:
         backend = self.layer._state_backend
         return np.asarray(backend.info.to_numpy(array) if backend is not None else array, np.float64)
+
+    def substitute(self, forward: EvalForward | None) -> None:
+        layer = self.layer
+        if forward is None:
+            layer._eval_forward = None
+            return
+
+        def eval_forward(x: Array, axis: int) -> Array:
+            state = layer._state
+            view = LayerView(axis, layer.eps, state.running_mean, state.running_var, state.weight, state.bias)
+            return forward(x, view)
+
+        layer._eval_forward = eval_forward
+
+    @property
+    def substituted(self) -> bool:
+        return getattr(self.layer, "_eval_forward", None) is not None
 
 
 class NormkitAdapter:
@@ -150,7 +232,11 @@ def _framework(model: object) -> str | None:
     return None
 
 
-ADAPTER_MODULES = {"torch": ("normkit_torch.testtime", "normkit-torch")}
+ADAPTER_MODULES = {
+    "torch": ("normkit_torch.testtime", "normkit-torch"),
+    "keras": ("normkit_tensorflow.testtime", "normkit-tensorflow"),
+    "tensorflow": ("normkit_tensorflow.testtime", "normkit-tensorflow"),
+}
 """Where each framework's adapter lives, and the distribution that provides it."""
 
 
@@ -165,7 +251,7 @@ def adapter_for(model: object) -> Adapter:
     if framework not in ADAPTER_MODULES:
         raise TypeError(
             f"model is a {type(model).__module__}.{type(model).__qualname__}: normkit.testtime has no adapter "
-            f"for {framework} models yet (PyTorch models and normkit's own layers are supported)"
+            f"for {framework} models yet (PyTorch and Keras models and normkit's own layers are supported)"
         )
     module, distribution = ADAPTER_MODULES[framework]
     try:

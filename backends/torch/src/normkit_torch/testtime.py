@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normkit.testtime.sites import Recorder
+from normkit.testtime.sites import EvalForward, LayerView, Recorder
 
 __all__ = ["ADAPTER", "TorchAdapter", "TorchSite"]
 
@@ -32,11 +32,21 @@ class TorchSite:
     def __init__(self, name: str, module: _BatchNorm) -> None:
         self.name, self.module = name, module
         self.unbiased = getattr(module, "running_var_estimator", "unbiased") == "unbiased"
+        self.eps = float(module.eps)
+        self.channels = int(module.num_features)
         self._saved: dict[str, Any] = {}
         self._hook: Any = None
 
+    def running(self) -> tuple[np.ndarray, np.ndarray] | None:
+        saved = self._saved or {
+            "running_mean": self.module.running_mean,
+            "running_var": self.module.running_var,
+        }
+        return self.to_numpy(saved["running_mean"]), self.to_numpy(saved["running_var"])
+
     def attach(self, recorder: Recorder) -> None:
         module = self.module
+        recorder.channels = self.channels
         self._saved = {  # the modes are the adapter's to restore (TorchAdapter.running)
             "running_mean": module.running_mean.detach().clone(),
             "running_var": module.running_var.detach().clone(),
@@ -71,14 +81,37 @@ class TorchSite:
         with torch.no_grad():
             for buffer, value in zip(buffers, (mean, var), strict=True):
                 buffer.copy_(torch.from_numpy(np.asarray(value, np.float64)).to(buffer.dtype))
+        self._saved = {}
 
     def restore(self) -> None:
         self._detach_hook()
         if self._saved:
             self._put_back()
+            self._saved = {}
 
     def to_numpy(self, array: Any) -> np.ndarray:
         return np.asarray(array.detach().cpu().double().numpy(), np.float64)
+
+    def substitute(self, forward: EvalForward | None) -> None:
+        module = self.module
+        if forward is None:
+            module.__dict__.pop("forward", None)  # the class's forward again
+            return
+        own = type(module).forward.__get__(module)
+
+        def eval_forward(x: torch.Tensor) -> torch.Tensor:
+            if module.training:
+                return own(x)
+            view = LayerView(
+                1, float(module.eps), module.running_mean, module.running_var, module.weight, module.bias
+            )
+            return forward(x, view)
+
+        module.forward = eval_forward
+
+    @property
+    def substituted(self) -> bool:
+        return "forward" in self.module.__dict__
 
 
 class TorchAdapter:
