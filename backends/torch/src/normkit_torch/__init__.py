@@ -13,6 +13,7 @@ BatchNorm2d(3, eps=0.001, momentum=0.01, affine=True, bias=True, track_running_s
 """
 
 from normkit_torch.convert import convert_norm_layers
+from normkit_torch.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from normkit_torch.modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -31,6 +32,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
