@@ -116,7 +116,7 @@ def prior_mixing(model: object, N: float) -> PriorMixing:
     """
     N = _check_prior(N)
     adapter = adapter_for(model)
-    sites = adapter.sites(model)
+    sites = {name: site for name, site in adapter.sites(model).items() if not site.per_instance}
     if not sites:
         raise ValueError(
             f"model is a {type(model).__name__} with no batch norm that tracks running statistics; "

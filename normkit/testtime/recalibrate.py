@@ -30,7 +30,7 @@ from normkit.functional.statistics import Moments, merge_moments
 from normkit.testtime.recording import recorded
 from normkit.testtime.sites import Site
 
-__all__ = ["ESTIMATORS", "recalibrate"]
+__all__ = ["ESTIMATORS", "layer_statistics", "pooled_moments", "recalibrate"]
 
 ESTIMATORS = ("population", "batch-average")
 
@@ -45,11 +45,41 @@ def _stored(site: Site, m: Moments) -> tuple[np.ndarray, np.ndarray]:
     return mean, var
 
 
-def _estimate(site: Site, parts: list[Moments], estimator: str) -> tuple[np.ndarray, np.ndarray]:
+def layer_statistics(
+    site: Site, parts: list[Moments], estimator: str = "population"
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""The running mean and variance ``estimator`` gives a site for its recorded ``parts``,
+    per channel, float64, in the layer's variance convention.
+
+    A batch norm's population statistics are those of every value (Chan's merge); an instance
+    norm's running statistics average each sample's mean and variance (as its training updates
+    do), so its population statistics are the average over every sample of every batch. The
+    batch average takes each batch's statistics and averages them over batches.
+    """
+    if site.per_instance:
+        means, variances = zip(*(_stored(site, part) for part in parts), strict=True)  # (N_b, C) each
+        if estimator == "population":  # every sample alike
+            return np.concatenate(means).mean(0), np.concatenate(variances).mean(0)
+        return np.mean([m.mean(0) for m in means], axis=0), np.mean([v.mean(0) for v in variances], axis=0)
     if estimator == "population":
         return _stored(site, merge_moments(*parts))
     stored = [_stored(site, part) for part in parts]
     return np.mean([s[0] for s in stored], axis=0), np.mean([s[1] for s in stored], axis=0)
+
+
+def pooled_moments(site: Site, parts: list[Moments]) -> Moments:
+    """The moments of every value the site saw, per channel: Chan's merge of the batches (of
+    the samples too, for an instance norm, in float64 NumPy)."""
+    if not site.per_instance:
+        return merge_moments(*parts)
+    count, mean, m2 = (
+        np.concatenate([site.to_numpy(a) for a in field]) for field in zip(*parts, strict=True)
+    )
+    total = count.sum(0)
+    pooled_mean = (count * mean).sum(0) / total
+    return Moments(
+        total.astype(np.int64), pooled_mean, m2.sum(0) + (count * (mean - pooled_mean) ** 2).sum(0)
+    )
 
 
 def recalibrate(
@@ -82,7 +112,7 @@ def recalibrate(
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r}; expected one of {ESTIMATORS}")
     with recorded(model, batches, forward=forward, progress=progress, task="recalibrate") as (sites, parts):
-        estimates = {name: _estimate(site, parts[name], estimator) for name, site in sites.items()}
+        estimates = {name: layer_statistics(site, parts[name], estimator) for name, site in sites.items()}
         for name, site in sites.items():
             site.commit(*estimates[name])
-        return {name: merge_moments(*parts[name]) for name in sites}
+        return {name: pooled_moments(site, parts[name]) for name, site in sites.items()}

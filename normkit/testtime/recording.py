@@ -86,7 +86,7 @@ def recorded(
             f"model is a {type(model).__name__} with no batch norm that tracks running statistics; "
             f"nothing to {task}"
         )
-    recorders = {name: Recorder(name=name) for name in sites}
+    recorders = {name: Recorder(name=name, per_instance=site.per_instance) for name, site in sites.items()}
     attached: list[Site] = []
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     try:

@@ -53,6 +53,9 @@ class Recorder:
 
     name: str = ""
     channels: int | None = None
+    per_instance: bool = False
+    """Record each sample's moments separately (instance norm: over the spatial axes only,
+    ``(N, C)`` per batch)."""
     batch: int = 0
     """The number of the batch being run (from 1), for messages."""
     parts: list[Moments] = field(default_factory=list)
@@ -67,13 +70,17 @@ class Recorder:
                 f"{shape[axis] if -len(shape) <= axis < len(shape) else 'no'} channels on axis {axis}; "
                 f"expected {self.channels} (the layer's num_features)"
             )
-        self.parts.append(moments(x, axis=axis, mask=mask))
+        kept = (0, axis % len(shape)) if self.per_instance else axis
+        self.parts.append(moments(x, axis=kept, mask=mask))
 
 
 class Site(Protocol):
     """One normalization layer with running statistics."""
 
     name: str
+    per_instance: bool
+    """An instance norm with running statistics (which average the statistics of each sample)
+    rather than a batch norm."""
     unbiased: bool
     """Whether the layer stores the unbiased variance."""
     eps: float
@@ -146,6 +153,7 @@ class NormkitSite:
 
     def __init__(self, name: str, layer: BatchNorm) -> None:
         self.name, self.layer = name, layer
+        self.per_instance = False
         self.unbiased = layer.running_var_estimator == "unbiased"
         self.eps = layer.eps
         self.channels = layer._channels()

@@ -137,3 +137,64 @@ def test_bad_input_is_refused_and_the_model_is_unchanged(make, data, error, mess
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert [module.training for module in m.modules()] == modes
     assert not any(module._forward_pre_hooks for module in m.modules())
+
+
+def instance_model(instance_norm: type) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), instance_norm(4, affine=True, track_running_stats=True), nn.ReLU(),
+        nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "instance_norm", [nn.InstanceNorm2d, normkit_torch.InstanceNorm2d], ids=["torch.nn", "drop-in"]
+)
+def test_instance_norm_with_running_statistics_averages_every_samples_statistics(instance_norm: type) -> None:
+    """update_bn skips instance norms; recalibrate sets their running statistics to the average
+    over every sample of the sample's mean and unbiased variance (what their training updates
+    average), from float64 inputs captured by this test's hooks."""
+    m = trained(instance_model(instance_norm))
+    data = batches((2, 5, 3))
+    with torch.no_grad():  # the instance norm's input: the first convolution's output
+        per_sample = [m[0](x).double().numpy() for x in data]
+    values = np.concatenate(per_sample)  # (samples, C, H, W)
+    counter = m[1].num_batches_tracked.clone()
+    merged = recalibrate(m, data, progress=False)
+    magnitude = float(np.abs(values).max())
+    expected = {
+        "running_mean": values.mean(axis=(2, 3)).mean(0),
+        "running_var": values.var(axis=(2, 3), ddof=1).mean(0),
+    }
+    for key, statistic in (("running_mean", "mean"), ("running_var", "var")):
+        tolerance = statistics_tolerance("float32", statistic, magnitude)
+        np.testing.assert_allclose(getattr(m[1], key).double().numpy(), expected[key], **tolerance.kwargs)
+    assert torch.equal(m[1].num_batches_tracked, counter)
+    np.testing.assert_array_equal(merged["1"].count, [10 * 16] * 4)  # every value, pooled
+    np.testing.assert_allclose(
+        merged["1"].mean,
+        values.mean(axis=(0, 2, 3)),
+        **statistics_tolerance("float32", "mean", magnitude).kwargs,
+    )
+
+
+def test_instance_norm_batch_average_is_torchs_cumulative_average() -> None:
+    """estimator='batch-average' on an instance norm equals the layer's own training updates
+    averaged cumulatively over the batches (momentum 1/k at batch k) from reset statistics."""
+    m = trained(instance_model(nn.InstanceNorm2d))
+    data = batches((2, 5, 3))
+    oracle = copy.deepcopy(m[1])
+    oracle.reset_running_stats()
+    oracle.train()
+    with torch.no_grad():
+        for k, x in enumerate(data, start=1):
+            # the cumulative average; momentum=None is no such thing for torch's instance norms:
+            # _InstanceNorm.forward passes it on as 0.0, so their statistics would never move
+            oracle.momentum = 1.0 / k
+            oracle(m[0](x))
+    recalibrate(m, data, estimator="batch-average", progress=False)
+    with torch.no_grad():
+        magnitude = float(max(m[0](x).abs().max() for x in data))
+    for key, statistic in (("running_mean", "mean"), ("running_var", "var")):
+        tolerance = statistics_tolerance("float32", statistic, magnitude).pairwise()
+        torch.testing.assert_close(getattr(m[1], key), getattr(oracle, key), **tolerance.kwargs)

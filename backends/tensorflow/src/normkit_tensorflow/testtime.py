@@ -31,6 +31,7 @@ class KerasSite:
 
     def __init__(self, name: str, layer: keras.layers.BatchNormalization) -> None:
         self.name, self.layer = name, layer
+        self.per_instance = False
         self.unbiased = bool(getattr(layer, "unbiased_running_var", False))
         self.eps = float(layer.epsilon)
         self.channels = int(layer.moving_mean.shape[0]) if layer.built else None
@@ -136,8 +137,16 @@ class KerasAdapter:
     def sites(self, model: object) -> dict[str, KerasSite]:
         assert isinstance(model, keras.layers.Layer)
         layers = model._flatten_layers(include_self=True, recursive=True)
+        prefix = f"{model.path or model.name}/"
+
+        def name(layer: keras.layers.Layer) -> str:
+            """The layer's path below the model's (``"bn"``, ``"inner/bn"``): stable, unlike
+            the model's own name, which Keras numbers per process (``sequential_3``)."""
+            path = layer.path or layer.name
+            return "" if layer is model else path.removeprefix(prefix)
+
         return {
-            (layer.path or layer.name): KerasSite(layer.path or layer.name, layer)
+            name(layer): KerasSite(name(layer), layer)
             for layer in layers
             if isinstance(layer, keras.layers.BatchNormalization)
         }

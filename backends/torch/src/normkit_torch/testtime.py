@@ -1,8 +1,9 @@
 r"""The PyTorch adapter of :mod:`normkit.testtime`: a model's batch norms as sites.
 
 Every ``torch.nn`` batch norm (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, the ``normkit_torch``
-drop-ins, anything subclassing ``torch.nn.modules.batchnorm._BatchNorm``) that tracks running
-statistics is a site. While recording, the model is in eval mode (dropout and every other
+drop-ins, anything subclassing ``torch.nn.modules.batchnorm._BatchNorm``) and every instance
+norm (``InstanceNorm1d/2d/3d``, drop-ins included) that tracks running statistics is a site;
+an instance norm records each sample's moments (its running statistics average them). While recording, the model is in eval mode (dropout and every other
 training-only behaviour off) except the sites, which normalize with batch statistics as in
 training, under ``torch.no_grad()``; a forward pre-hook records the moments of each site's input
 (channels on dimension 1) with normkit's torch kernels. Afterwards every module's mode, each
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normkit.testtime.sites import EvalForward, LayerView, Recorder
 
@@ -27,10 +29,11 @@ __all__ = ["ADAPTER", "TorchAdapter", "TorchSite"]
 
 
 class TorchSite:
-    """One ``torch.nn`` batch norm with running statistics."""
+    """One ``torch.nn`` batch norm, or instance norm, with running statistics."""
 
-    def __init__(self, name: str, module: _BatchNorm) -> None:
+    def __init__(self, name: str, module: _BatchNorm | _InstanceNorm) -> None:
         self.name, self.module = name, module
+        self.per_instance = isinstance(module, _InstanceNorm)
         self.unbiased = getattr(module, "running_var_estimator", "unbiased") == "unbiased"
         self.eps = float(module.eps)
         self.channels = int(module.num_features)
@@ -122,7 +125,7 @@ class TorchAdapter:
         return {
             name: TorchSite(name, module)
             for name, module in model.named_modules()
-            if isinstance(module, _BatchNorm)
+            if isinstance(module, (_BatchNorm, _InstanceNorm))
             and module.track_running_stats
             and module.running_mean is not None
         }
