@@ -125,8 +125,14 @@ def state(m: nn.Module) -> dict[str, torch.Tensor]:
         (lambda: nn.Sequential(nn.Linear(3, 3)), [torch.ones(2, 3)], ValueError, "no batch norm"),
         (lambda: trained(model()), [], ValueError, "batches is empty"),
         (lambda: trained(model()), [*batches((4,)), torch.ones(4, 5, 6, 6)], RuntimeError, "channels"),
+        (
+            lambda: nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1)),
+            [*batches((4,)), torch.ones(4, 5, 6, 6)],
+            ValueError,
+            r"batch 2: layer '0' got an input of shape \(4, 5, 6, 6\) with 5 channels on axis 1; expected 3",
+        ),
     ],
-    ids=["no-batch-norm", "empty", "channel-count"],
+    ids=["no-batch-norm", "empty", "channel-count-at-a-conv", "channel-count-at-a-batch-norm"],
 )
 def test_bad_input_is_refused_and_the_model_is_unchanged(make, data, error, message) -> None:
     m = make()

@@ -41,6 +41,8 @@ class TorchSite:
         self._hook: Any = None
 
     def running(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if nn.parameter.is_lazy(self.module.running_mean):  # a Lazy* layer before its first input
+            return None
         saved = self._saved or {
             "running_mean": self.module.running_mean,
             "running_var": self.module.running_var,
