@@ -23,7 +23,15 @@ from normkit.functional import (
     rms_norm,
 )
 from normkit.hookspecs import SPEC_VERSION, BackendInfo
-from normkit.layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, convert_state_dict
+from normkit.layers import (
+    BatchNorm,
+    FrozenBatchNorm,
+    GroupNorm,
+    InstanceNorm,
+    LayerNorm,
+    RMSNorm,
+    convert_state_dict,
+)
 from normkit.presets import DEFAULT, PRESETS, Preset, get_preset
 from normkit.state_files import load_state, save_state
 
@@ -36,6 +44,7 @@ __all__ = [
     "BackendInfo",
     "BatchNorm",
     "BatchNormResult",
+    "FrozenBatchNorm",
     "GroupNorm",
     "InstanceNorm",
     "InstanceNormResult",

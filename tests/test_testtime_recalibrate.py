@@ -174,3 +174,21 @@ def test_bad_input_is_refused_and_the_layers_are_unchanged(
         recalibrate(target, data, forward=forward, **options)
     assert same(before, snapshot(trained_model))
     assert getattr(trained_model.bn1, "_input_observers", ()) == ()
+
+
+def test_a_progress_bar_appears_on_long_runs_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from normkit.testtime import recording
+
+    model = trained()
+    recalibrate(model, batches((4, 4)), forward=model)
+    assert capsys.readouterr().err == ""  # a quick run stays quiet
+    monkeypatch.setattr(recording, "PROGRESS_AFTER_S", 0.0)
+    recalibrate(model, batches((4, 4, 4, 4)), forward=model)
+    err = capsys.readouterr().err
+    assert "recalibrate [####################] 4/4 batches" in err and err.endswith("\n")
+    recalibrate(model, iter(batches((4, 4))), forward=model)  # no length: a count
+    assert "recalibrate  2 batches" in capsys.readouterr().err
+    recalibrate(model, batches((4,)), forward=model, progress=False)
+    assert capsys.readouterr().err == ""

@@ -33,10 +33,18 @@ operation succeeded.
 
 from __future__ import annotations
 
-from normkit.layers.channel_norm import BatchNorm, InstanceNorm
+from normkit.layers.channel_norm import BatchNorm, FrozenBatchNorm, InstanceNorm
 from normkit.layers.convert import convert_state_dict
 from normkit.layers.group_norm import GroupNorm
 from normkit.layers.layer_norm import LayerNorm
 from normkit.layers.rms_norm import RMSNorm
 
-__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "convert_state_dict"]
+__all__ = [
+    "BatchNorm",
+    "FrozenBatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "convert_state_dict",
+]

@@ -12,7 +12,7 @@ from normkit.functional import channel as channel_ops
 from normkit.layers._base import _Layer
 from normkit.state import NormState
 
-__all__ = ["BatchNorm", "InstanceNorm"]
+__all__ = ["BatchNorm", "FrozenBatchNorm", "InstanceNorm"]
 
 Array = Any
 
@@ -326,3 +326,43 @@ class InstanceNorm(_ChannelNorm):
             preset=preset,
             backend=backend,
         )
+
+
+class FrozenBatchNorm(BatchNorm):
+    r"""A :class:`BatchNorm` whose running statistics and affine are fixed: it normalizes with
+    its running statistics in training mode too,
+    :math:`y = \gamma(x - \mu_{\text{running}})/\sqrt{\sigma^2_{\text{running}} + \epsilon} + \beta`,
+    a per-channel affine map independent of the batch (torchvision's ``FrozenBatchNorm2d``
+    semantics), and never updates anything. ``train()`` leaves it in eval mode.
+
+    Made by :meth:`from_batch_norm` (or :func:`normkit.testtime.freeze`); its state dict is a
+    batch norm's, saved as ``"FrozenBatchNorm"``.
+    """
+
+    @property  # type: ignore[override]
+    def training(self) -> bool:
+        """Always ``False``: frozen."""
+        return False
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        """Ignored: a frozen layer stays in eval mode."""
+
+    @classmethod
+    def from_batch_norm(cls, bn: BatchNorm) -> FrozenBatchNorm:
+        """The frozen form of ``bn``: its configuration, arrays (the same objects) and counter.
+
+        :raises ValueError: for a layer without running statistics, or without state yet.
+        """
+        if not isinstance(bn, BatchNorm):
+            raise TypeError(f"bn is a {type(bn).__name__}; expected a normkit BatchNorm")
+        if not bn.track_running_stats or bn._state is None:
+            raise ValueError(
+                f"bn has no running statistics {'(track_running_stats=False)' if not bn.track_running_stats else 'yet'}: "
+                f"nothing to freeze"
+            )
+        config = {key: value for key, value in bn._config().items()}
+        frozen = cls(**config)
+        frozen.backend = bn.backend
+        frozen._state, frozen._state_backend = bn._state, bn._state_backend
+        return frozen

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from normkit.functional.statistics import Moments, moments
-from normkit.layers.channel_norm import BatchNorm
+from normkit.layers.channel_norm import BatchNorm, FrozenBatchNorm
 
 __all__ = ["Adapter", "EvalForward", "LayerView", "Recorder", "Site", "adapter_for", "find_batch_norms"]
 
@@ -130,9 +130,9 @@ class Adapter(Protocol):
 
 
 def find_batch_norms(model: object) -> dict[str, BatchNorm]:
-    """The :class:`~normkit.BatchNorm` layers with running statistics in ``model``: the layer
-    itself, the values of a mapping, the items of a list or tuple, or an object's attributes, one
-    level deep, by name (``"0"``, ``"conv_bn"``)."""
+    """The :class:`~normkit.BatchNorm` layers with running statistics (frozen ones aside) in
+    ``model``: the layer itself, the values of a mapping, the items of a list or tuple, or an
+    object's attributes, one level deep, by name (``"0"``, ``"conv_bn"``)."""
     if isinstance(model, BatchNorm):
         found: dict[str, Any] = {"": model}
     elif isinstance(model, Mapping):
@@ -144,7 +144,9 @@ def find_batch_norms(model: object) -> dict[str, BatchNorm]:
     return {
         name: layer
         for name, layer in found.items()
-        if isinstance(layer, BatchNorm) and layer.track_running_stats
+        if isinstance(layer, BatchNorm)
+        and layer.track_running_stats
+        and not isinstance(layer, FrozenBatchNorm)
     }
 
 

@@ -119,5 +119,5 @@ def test_bad_input_is_refused_and_the_model_is_unchanged() -> None:
         normkit_torch.FrozenBatchNorm2d(4)(torch.ones(1, 3, 2, 2))
     with pytest.raises(ValueError, match=r"expected 4-D input \(got 2-D input\)"):
         normkit_torch.FrozenBatchNorm2d(4)(torch.ones(1, 4))
-    with pytest.raises(TypeError, match="freeze takes a PyTorch module or a Keras model"):
+    with pytest.raises(ValueError, match="model is a object with no batch norm"):
         freeze(object())

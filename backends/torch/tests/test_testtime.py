@@ -204,3 +204,20 @@ def test_instance_norm_batch_average_is_torchs_cumulative_average() -> None:
     for key, statistic in (("running_mean", "mean"), ("running_var", "var")):
         tolerance = statistics_tolerance("float32", statistic, magnitude).pairwise()
         torch.testing.assert_close(getattr(m[1], key), getattr(oracle, key), **tolerance.kwargs)
+
+
+def test_a_data_loader_of_inputs_and_labels() -> None:
+    """A DataLoader yields [x, y] lists: the first element is the input, and the statistics
+    are those of every input, the last batch shorter."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    m = trained(model(dropout=0.0))
+    x = torch.cat(batches((13,)))
+    loader = DataLoader(TensorDataset(x, torch.zeros(13)), batch_size=4)
+    recalibrate(m, loader, progress=False)
+    inputs = captured_inputs(m, [x], dropout_on=False)["1"]
+    np.testing.assert_allclose(
+        m[1].running_mean.double().numpy(),
+        inputs.mean(0),
+        **statistics_tolerance("float32", "mean", float(np.abs(inputs).max())).kwargs,
+    )
