@@ -252,7 +252,7 @@ def test_fold_dispatches_by_framework_and_names_the_missing_distribution(
     def missing(name: str) -> None:
         raise ModuleNotFoundError(f"No module named {name!r}")
 
-    monkeypatch.setattr(fold_module.importlib, "import_module", missing)
+    monkeypatch.setattr(importlib, "import_module", missing)
     with pytest.raises(TypeError, match=r"torch model; install normkit-torch to fold it"):
         fold(TorchLike())
 

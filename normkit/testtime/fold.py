@@ -22,12 +22,13 @@ framework's implementation (``normkit_torch.fold``, ``normkit_tensorflow.fold``)
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import numpy as np
 
-__all__ = ["FOLD_MODULES", "LAYOUTS", "fold", "fold_weights"]
+from normkit.testtime.sites import find_batch_norms, framework_module
+
+__all__ = ["LAYOUTS", "fold", "fold_weights"]
 
 LAYOUTS: dict[str, str] = {
     "out-first": "(C_out, ...): torch Conv1d/2d/3d (C_out, C_in/groups, *k) and Linear (C_out, C_in)",
@@ -166,14 +167,6 @@ def fold_weights(
     return w * s[index], (b - mean) * s + offset
 
 
-FOLD_MODULES = {
-    "torch": ("normkit_torch.fold", "normkit-torch"),
-    "keras": ("normkit_tensorflow.fold", "normkit-tensorflow"),
-    "tensorflow": ("normkit_tensorflow.fold", "normkit-tensorflow"),
-}
-"""Where each framework's ``fold_model`` lives, and the distribution that provides it."""
-
-
 def fold(model: Any) -> Any:
     r"""A copy of ``model`` with every eval-mode batch norm folded into the convolution or dense
     layer that feeds it, and no batch norm left: its eval outputs equal ``model``'s.
@@ -202,10 +195,8 @@ def fold(model: Any) -> Any:
     :raises TypeError: for a model of no supported framework, one whose backend distribution is
         not installed, or normkit's own layers (which are not attached to a layer before them).
     """
-    from normkit.testtime.sites import _framework, find_batch_norms
-
-    framework = _framework(model)
-    if framework is None:
+    implementation = framework_module(model, "fold", "fold it")
+    if implementation is None:
         what = f"{type(model).__module__}.{type(model).__qualname__}"
         if find_batch_norms(model):
             raise TypeError(
@@ -214,11 +205,4 @@ def fold(model: Any) -> Any:
                 f"PyTorch and Keras models)"
             )
         raise TypeError(f"model is a {what}: fold takes PyTorch (torch.nn.Module) and Keras models")
-    module, distribution = FOLD_MODULES[framework]
-    try:
-        implementation = importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        raise TypeError(
-            f"model is a {framework} model; install {distribution} to fold it ({error})"
-        ) from None
     return implementation.fold_model(model)

@@ -18,21 +18,13 @@ Keras models ``normkit_tensorflow.FrozenBatchNormalization``; normkit's own laye
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import MutableMapping
 from typing import Any
 
 from normkit.layers.channel_norm import BatchNorm, FrozenBatchNorm
-from normkit.testtime.sites import _framework, find_batch_norms
+from normkit.testtime.sites import find_batch_norms, framework_module
 
 __all__ = ["freeze"]
-
-FREEZERS = {
-    "torch": ("normkit_torch.frozen", "normkit-torch"),
-    "keras": ("normkit_tensorflow.frozen", "normkit-tensorflow"),
-    "tensorflow": ("normkit_tensorflow.frozen", "normkit-tensorflow"),
-}
-"""Where each framework's implementation lives, and the distribution that provides it."""
 
 
 def _freeze_normkit(model: Any) -> Any:
@@ -78,19 +70,7 @@ def freeze(model: Any, *, trainable: bool = False) -> Any:
         statistics.
     :raises TypeError: for a model of a framework without an implementation installed.
     """
-    framework = _framework(model)
-    if framework is None:
+    implementation = framework_module(model, "frozen", "freeze it")
+    if implementation is None:
         return _freeze_normkit(model)
-    if framework not in FREEZERS:
-        raise TypeError(
-            f"model is a {type(model).__module__}.{type(model).__qualname__}; freeze takes a PyTorch module, "
-            f"a Keras model or normkit layers"
-        )
-    module, distribution = FREEZERS[framework]
-    try:
-        implementation = importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        raise TypeError(
-            f"model is a {framework} model; install {distribution} to freeze it ({error})"
-        ) from None
     return implementation.freeze_model(model, trainable=trainable)

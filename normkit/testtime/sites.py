@@ -13,6 +13,7 @@ import contextlib
 import importlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,7 +21,16 @@ import numpy as np
 from normkit.functional.statistics import Moments, moments
 from normkit.layers.channel_norm import BatchNorm, FrozenBatchNorm
 
-__all__ = ["Adapter", "EvalForward", "LayerView", "Recorder", "Site", "adapter_for", "find_batch_norms"]
+__all__ = [
+    "Adapter",
+    "EvalForward",
+    "LayerView",
+    "Recorder",
+    "Site",
+    "adapter_for",
+    "find_batch_norms",
+    "framework_module",
+]
 
 Array = Any
 
@@ -242,31 +252,37 @@ def _framework(model: object) -> str | None:
     return None
 
 
-ADAPTER_MODULES = {
-    "torch": ("normkit_torch.testtime", "normkit-torch"),
-    "keras": ("normkit_tensorflow.testtime", "normkit-tensorflow"),
-    "tensorflow": ("normkit_tensorflow.testtime", "normkit-tensorflow"),
+FRAMEWORK_PACKAGES = {
+    "torch": ("normkit_torch", "normkit-torch"),
+    "keras": ("normkit_tensorflow", "normkit-tensorflow"),
+    "tensorflow": ("normkit_tensorflow", "normkit-tensorflow"),
 }
-"""Where each framework's adapter lives, and the distribution that provides it."""
+"""For each framework, the package holding its halves of the test-time tools (``testtime``:
+the adapter, ``fold``, ``frozen``) and the distribution that provides it."""
 
 
-def adapter_for(model: object) -> Adapter:
-    """The adapter for ``model``: a PyTorch module's from ``normkit_torch``, else normkit's own.
+def framework_module(model: object, part: str, task: str) -> ModuleType | None:
+    """The module ``part`` of the package serving ``model``'s framework (``normkit_torch.fold``
+    for a PyTorch module), or ``None`` for a model of no framework (normkit's own layers).
 
-    :raises TypeError: for a framework model whose adapter is not installed or not written yet.
+    :param task: what the caller does with the model, for the message (``"fold it"``).
+    :raises TypeError: when the distribution that holds the module is not installed.
     """
     framework = _framework(model)
     if framework is None:
-        return NormkitAdapter()
-    if framework not in ADAPTER_MODULES:
-        raise TypeError(
-            f"model is a {type(model).__module__}.{type(model).__qualname__}: normkit.testtime has no adapter "
-            f"for {framework} models yet (PyTorch and Keras models and normkit's own layers are supported)"
-        )
-    module, distribution = ADAPTER_MODULES[framework]
+        return None
+    package, distribution = FRAMEWORK_PACKAGES[framework]
     try:
-        return importlib.import_module(module).ADAPTER
+        return importlib.import_module(f"{package}.{part}")
     except ModuleNotFoundError as error:
-        raise TypeError(
-            f"model is a {framework} model; install {distribution} for its adapter ({error})"
-        ) from None
+        raise TypeError(f"model is a {framework} model; install {distribution} to {task} ({error})") from None
+
+
+def adapter_for(model: object) -> Adapter:
+    """The adapter for ``model``: a PyTorch module's from ``normkit_torch``, a Keras model's
+    from ``normkit_tensorflow``, else normkit's own.
+
+    :raises TypeError: for a framework model whose adapter is not installed.
+    """
+    module = framework_module(model, "testtime", "reach its layers")
+    return NormkitAdapter() if module is None else module.ADAPTER

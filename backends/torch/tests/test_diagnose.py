@@ -7,13 +7,12 @@ input refused with the model unchanged. The float64 oracle and its bounds are
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
+from capture import captured_inputs
 from torch import nn
 
 import normkit_torch
@@ -40,29 +39,6 @@ def trained(m: nn.Sequential) -> nn.Sequential:
     for x in batches((8,) * 6, seed=2):
         m(x)
     return m
-
-
-def captured_inputs(m: nn.Sequential, data: list[torch.Tensor]) -> dict[str, np.ndarray]:
-    """Each batch norm's inputs over all batches, (values, channels) in float64, captured by
-    forward pre-hooks of this test on a copy of the model in eval mode whose batch norms
-    normalize with batch statistics (momentum 0 leaves their buffers alone)."""
-    m = copy.deepcopy(m)
-    m.eval()
-    seen: dict[str, list[np.ndarray]] = {}
-    for name, module in m.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.train()
-            module.momentum = 0.0
-
-            def grab(mod: nn.Module, inputs: tuple[torch.Tensor, ...], name: str = name) -> None:
-                x = inputs[0].double().transpose(0, 1).reshape(inputs[0].shape[1], -1).T
-                seen.setdefault(name, []).append(x.numpy())
-
-            module.register_forward_pre_hook(grab)
-    with torch.no_grad():
-        for x in data:
-            m(x)
-    return {name: np.concatenate(parts) for name, parts in seen.items()}
 
 
 def state(m: nn.Module) -> dict[str, torch.Tensor]:

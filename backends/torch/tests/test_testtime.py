@@ -9,6 +9,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from capture import captured_inputs
 from torch import nn
 
 import normkit_torch
@@ -33,30 +34,6 @@ def trained(m: nn.Sequential) -> nn.Sequential:
     for x in batches((8,) * 4, seed=2):
         m(x)
     return m
-
-
-def captured_inputs(m: nn.Sequential, data: list[torch.Tensor], dropout_on: bool) -> dict[str, np.ndarray]:
-    """Each batch norm's inputs over all batches, (values, channels) in float64, captured by hooks
-    of this test (the batch norms normalizing with batch statistics, their buffers untouched)."""
-    m = copy.deepcopy(m)
-    m.eval()
-    seen: dict[str, list[np.ndarray]] = {}
-    for name, module in m.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.train()
-            module.momentum = 0.0  # normalize with batch statistics; leave the buffers alone
-
-            def grab(mod: nn.Module, inputs: tuple[torch.Tensor, ...], name: str = name) -> None:
-                x = inputs[0].double().transpose(0, 1).reshape(inputs[0].shape[1], -1).T
-                seen.setdefault(name, []).append(x.numpy())
-
-            module.register_forward_pre_hook(grab)
-        if isinstance(module, nn.Dropout) and dropout_on:
-            module.train()
-    with torch.no_grad():
-        for x in data:
-            m(x)
-    return {name: np.concatenate(parts) for name, parts in seen.items()}
 
 
 def assert_population(m: nn.Sequential, inputs: dict[str, np.ndarray]) -> None:
