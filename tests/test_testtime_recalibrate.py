@@ -192,3 +192,20 @@ def test_a_progress_bar_appears_on_long_runs_only(
     assert "recalibrate  2 batches" in capsys.readouterr().err
     recalibrate(model, batches((4,)), forward=model, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_instance_norm_with_running_statistics_averages_every_samples_statistics() -> None:
+    """normkit's InstanceNorm with running statistics (as torch's, whose running statistics
+    average each sample's mean and unbiased variance): recalibrated to that average over every
+    sample of every batch, in float64 from the data."""
+    layer = normkit.InstanceNorm(3, track_running_stats=True)
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        layer(rng.normal(size=(4, 3, 5)).astype(np.float32))
+    data = [rng.normal(2.0, 3.0, size=(n, 3, 5)).astype(np.float32) for n in (1, 6, 2)]
+    recalibrate(layer, data, forward=layer)
+    values = np.concatenate(data).astype(np.float64)
+    assert_statistics(
+        layer, values.mean(axis=2).mean(0), values.var(axis=2, ddof=1).mean(0), float(np.abs(values).max())
+    )
+    assert layer.num_batches_tracked == 3

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from normkit.functional.statistics import Moments, moments
-from normkit.layers.channel_norm import BatchNorm, FrozenBatchNorm
+from normkit.layers.channel_norm import BatchNorm, FrozenBatchNorm, InstanceNorm, _ChannelNorm
 
 __all__ = [
     "Adapter",
@@ -29,6 +29,7 @@ __all__ = [
     "Site",
     "adapter_for",
     "find_batch_norms",
+    "find_norm_layers",
     "framework_module",
 ]
 
@@ -139,33 +140,49 @@ class Adapter(Protocol):
         gradients), yielding the default forward function; on exit every mode is restored."""
 
 
+def _layers_in(model: object) -> dict[str, Any]:
+    """What ``model`` holds one level deep, by name: the model itself (``""``) if it is a
+    layer, the values of a mapping, the items of a list or tuple, or an object's attributes."""
+    if isinstance(model, _ChannelNorm):
+        return {"": model}
+    if isinstance(model, Mapping):
+        return {str(k): v for k, v in model.items()}
+    if isinstance(model, (list, tuple)):
+        return {str(i): v for i, v in enumerate(model)}
+    return dict(vars(model)) if hasattr(model, "__dict__") else {}
+
+
 def find_batch_norms(model: object) -> dict[str, BatchNorm]:
     """The :class:`~normkit.BatchNorm` layers with running statistics (frozen ones aside) in
     ``model``: the layer itself, the values of a mapping, the items of a list or tuple, or an
     object's attributes, one level deep, by name (``"0"``, ``"conv_bn"``)."""
-    if isinstance(model, BatchNorm):
-        found: dict[str, Any] = {"": model}
-    elif isinstance(model, Mapping):
-        found = {str(k): v for k, v in model.items()}
-    elif isinstance(model, (list, tuple)):
-        found = {str(i): v for i, v in enumerate(model)}
-    else:
-        found = dict(vars(model)) if hasattr(model, "__dict__") else {}
     return {
         name: layer
-        for name, layer in found.items()
+        for name, layer in _layers_in(model).items()
         if isinstance(layer, BatchNorm)
         and layer.track_running_stats
         and not isinstance(layer, FrozenBatchNorm)
     }
 
 
-class NormkitSite:
-    """A normkit :class:`~normkit.BatchNorm`, observed through its input-observer hook."""
+def find_norm_layers(model: object) -> dict[str, BatchNorm | InstanceNorm]:
+    """:func:`find_batch_norms`, and the :class:`~normkit.InstanceNorm` layers with running
+    statistics, in the order ``model`` holds them."""
+    batch_norms = find_batch_norms(model)
+    return {
+        name: layer
+        for name, layer in _layers_in(model).items()
+        if name in batch_norms or (isinstance(layer, InstanceNorm) and layer.track_running_stats)
+    }
 
-    def __init__(self, name: str, layer: BatchNorm) -> None:
+
+class NormkitSite:
+    """A normkit :class:`~normkit.BatchNorm` (or :class:`~normkit.InstanceNorm` with running
+    statistics), observed through its input-observer hook."""
+
+    def __init__(self, name: str, layer: BatchNorm | InstanceNorm) -> None:
         self.name, self.layer = name, layer
-        self.per_instance = False
+        self.per_instance = isinstance(layer, InstanceNorm)
         self.unbiased = layer.running_var_estimator == "unbiased"
         self.eps = layer.eps
         self.channels = layer._channels()
@@ -233,7 +250,7 @@ class NormkitAdapter:
     """normkit's own layers, run by the caller's forward function."""
 
     def sites(self, model: object) -> dict[str, Site]:
-        return {name: NormkitSite(name, layer) for name, layer in find_batch_norms(model).items()}
+        return {name: NormkitSite(name, layer) for name, layer in find_norm_layers(model).items()}
 
     @contextlib.contextmanager
     def running(self, model: object) -> Iterator[Callable[[Array], object]]:
