@@ -209,3 +209,16 @@ def test_instance_norm_with_running_statistics_averages_every_samples_statistics
         layer, values.mean(axis=2).mean(0), values.var(axis=2, ddof=1).mean(0), float(np.abs(values).max())
     )
     assert layer.num_batches_tracked == 3
+
+
+def test_one_array_for_batches_is_refused_and_a_failing_batch_is_named() -> None:
+    model = trained()
+    before = snapshot(model)
+    with pytest.raises(
+        TypeError, match=re.escape("batches is one array of shape (4, 3); expected an iterable")
+    ):
+        recalibrate(model, batches((4,))[0], forward=model)
+    with pytest.raises(ValueError, match="channels on axis 1") as raised:
+        recalibrate(model, [*batches((4, 3)), np.ones((2, 5), np.float32)], forward=model)
+    assert any("raised by batch 3, whose input has shape (2, 5)" in note for note in raised.value.__notes__)
+    assert same(before, snapshot(model))

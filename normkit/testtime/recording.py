@@ -74,11 +74,17 @@ def recorded(
     site's per-batch moments, by name.
 
     :param task: the caller's name, for messages and the progress line.
+    :raises TypeError: for ``batches`` that is one array rather than an iterable of batches.
     :raises ValueError: for a model without a normalization layer with running statistics, no
         batches, a batch whose channel count differs from a layer's, or a layer no batch reached.
         Every site is put back as it was on any error, and on leaving the block unless the block
         committed it.
     """
+    if hasattr(batches, "shape") and hasattr(batches, "ndim"):
+        raise TypeError(
+            f"batches is one array of shape {tuple(batches.shape)}; expected an iterable of batches (a list, "
+            f"a data loader): pass [x] for a single batch"
+        )
     adapter = adapter_for(model)
     sites = adapter.sites(model)
     if not sites:
@@ -101,7 +107,16 @@ def recorded(
                 for seen, batch in enumerate(batches, start=1):
                     for recorder in recorders.values():
                         recorder.batch = seen
-                    run(input_of(batch))
+                    x = input_of(batch)
+                    try:
+                        run(x)
+                    except Exception as error:
+                        error.add_note(
+                            f"normkit.testtime.{task}: raised by batch {seen}, whose input has shape "
+                            f"{getattr(x, 'shape', None)} (a batch is run as forward(x), x the batch or its "
+                            f"first element; pass forward= for batches of another form); the model is unchanged"
+                        )
+                        raise
                     bar.update(seen)
             finally:
                 bar.close()

@@ -74,3 +74,18 @@ def test_bad_input_is_refused() -> None:
         freeze(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
     with pytest.raises(ValueError, match="are not built"):
         freeze(keras.Sequential([keras.layers.BatchNormalization()]))
+
+
+def test_a_subclassed_model_is_refused_with_what_to_do() -> None:
+    class Subclassed(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = keras.layers.BatchNormalization()
+
+        def call(self, x: object) -> object:
+            return self.bn(x)
+
+    m = Subclassed()
+    m(np.ones((2, 3), np.float32))
+    with pytest.raises(TypeError, match="is a subclassed Subclassed: freeze rebuilds the model"):
+        freeze(m)

@@ -22,7 +22,14 @@ from normkit.testing.tolerances import EPS, assert_within, reduction_growth
 from normkit.testtime.fold import fold
 from normkit_torch.fold import RankCheck
 
-NORMALIZATIONS = (_BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+NORMALIZATIONS = (
+    _BatchNorm,
+    normkit_torch.FrozenBatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+)
 
 
 def scale_of(bn: _BatchNorm) -> torch.Tensor:
@@ -372,3 +379,23 @@ def test_a_non_module_is_refused() -> None:
 
     with pytest.raises(TypeError, match=r"model is a list: expected a torch.nn.Module"):
         fold_model([nn.Conv2d(3, 4, 1)])
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_frozen_batch_norms_fold_too(trainable: bool) -> None:
+    """freeze, then fold: a FrozenBatchNorm is the same fixed map in any mode, so it folds
+    whatever the model's mode, to the frozen model's outputs within the folding bound."""
+    from normkit.testtime import freeze
+
+    model = pair_model("conv2d", bias=False)
+    frozen = freeze(model, trainable=trainable).train()
+    folded = fold(frozen)
+    assert not any(isinstance(m, normkit_torch.FrozenBatchNorm) for m in folded.modules())
+    no_normalization_left(folded)
+    x = torch.randn(PAIRS["conv2d"][2], generator=torch.Generator().manual_seed(2)) * 2 + 1
+    with torch.no_grad():
+        expected, got = frozen(x), folded(x)
+        bound = folding_bound(
+            magnitude(model[0], model[1], x, folded.get_submodule("0")), terms_of(model[0]), "float32"
+        )
+    assert_within((got.double() - expected.double()).abs().numpy(), bound, "frozen conv2d")

@@ -198,3 +198,18 @@ def test_a_data_loader_of_inputs_and_labels() -> None:
         inputs.mean(0),
         **statistics_tolerance("float32", "mean", float(np.abs(inputs).max())).kwargs,
     )
+
+
+def test_a_last_batch_of_one_sample_is_refused_with_what_to_do() -> None:
+    """torch's BatchNorm1d cannot normalize one value per channel with batch statistics: the
+    message names the batch and the remedy (drop_last), and the model is unchanged."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    before = state(m)
+    loader = DataLoader(TensorDataset(torch.randn(9, 3)), batch_size=4)
+    with pytest.raises(ValueError, match=r"batch 3: layer '1' gets one value per channel .* drop_last=True"):
+        recalibrate(m, loader, progress=False)
+    after = state(m)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    recalibrate(m, DataLoader(TensorDataset(torch.randn(9, 3)), batch_size=4, drop_last=True), progress=False)

@@ -95,10 +95,18 @@ def freeze_model(model: keras.Model, *, trainable: bool = False) -> keras.Model:
     layer is a copy with the same weights. ``model`` is unchanged.
 
     :raises ValueError: for a model without ``BatchNormalization``, or one not built yet.
+    :raises TypeError: for a subclassed model (its graph of layers is not known).
     """
     if not isinstance(model, keras.Model):
         raise TypeError(
             f"model is a {type(model).__name__}; expected a keras.Model (Sequential or functional)"
+        )
+    if not isinstance(model, (keras.Sequential, keras.Function)):
+        raise TypeError(
+            f"model {model.name!r} is a subclassed {type(model).__name__}: freeze rebuilds the model, which "
+            f"needs a Sequential or functional model, whose graph of layers is known (for a subclassed "
+            f"model, set trainable = False on its BatchNormalization layers: Keras then runs them in "
+            f"inference mode, with gamma and beta frozen too)"
         )
     batch_norms = [
         layer

@@ -2,7 +2,8 @@ r"""The PyTorch implementation of :func:`normkit.testtime.fold`: every eval-mode
 into the ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear`` before it.
 
 The model is copied and traced with ``torch.fx`` (batch norms, the ``normkit_torch`` drop-ins
-among them, kept as modules). Every batch norm (a ``torch.nn.modules.batchnorm._BatchNorm``)
+among them, kept as modules). Every batch norm (a ``torch.nn.modules.batchnorm._BatchNorm``,
+or a frozen one, ``normkit_torch.FrozenBatchNorm``, whatever its mode)
 must be called on the output of one of those layers, an output nothing else uses, of a layer
 called only once; its scale :math:`s = \gamma/\sqrt{\sigma^2+\epsilon}` and shift then go into
 that layer's weight and bias (:func:`normkit.testtime.fold.fold_weights`, in float64, cast to
@@ -31,6 +32,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
 from normkit.testtime.fold import fold_weights
+from normkit_torch.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 
 __all__ = ["RankCheck", "fold_model"]
 
@@ -43,7 +45,9 @@ _ABSORBING = (
     nn.ConvTranspose3d,
     nn.Linear,
 )
-_NORMALIZATIONS = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
+_FOLDABLE = (_BatchNorm, FrozenBatchNorm)
+"""What folds: every batch norm, and the frozen ones (fixed affine maps already)."""
+_NORMALIZATIONS = (*_FOLDABLE, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
 _FUNCTIONAL_NORMS = {
     torch.nn.functional.batch_norm,
     torch.batch_norm,
@@ -76,11 +80,14 @@ class _Tracer(fx.Tracer):
         )
 
 
-def _accepted_ranks(bn: _BatchNorm) -> set[int] | None:
+def _accepted_ranks(bn: nn.Module) -> set[int] | None:
     """The input ranks a batch norm accepts (None: not known, a custom subclass)."""
     for cls, ranks in ((nn.BatchNorm1d, {2, 3}), (nn.BatchNorm2d, {4}), (nn.BatchNorm3d, {5})):
         if isinstance(bn, cls) and type(bn)._check_input_dim is cls._check_input_dim:
             return ranks
+    for cls in (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d):
+        if isinstance(bn, cls) and type(bn).forward is FrozenBatchNorm.forward:
+            return set(cls._ranks or ())
     return None
 
 
@@ -133,7 +140,11 @@ class _Fold:
     guard_rank: int | None
 
 
-def _check_batch_norm(name: str, bn: _BatchNorm) -> None:
+def _check_batch_norm(name: str, bn: nn.Module) -> None:
+    if isinstance(bn, FrozenBatchNorm):  # the same map in training and eval
+        if bn._forward_hooks or bn._forward_pre_hooks:
+            raise ValueError(f"{name!r}: the batch norm has forward hooks, which folding would drop")
+        return
     if bn.training:
         raise ValueError(
             f"{name!r}: the batch norm is in training mode, where it normalizes with batch "
@@ -168,7 +179,7 @@ def _plan(gm: fx.GraphModule, original: str) -> list[_Fold]:
         sharing.setdefault(id(parameter), []).append(full)
     plan = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[str(node.target)], _BatchNorm):
+        if node.op != "call_module" or not isinstance(modules[str(node.target)], _FOLDABLE):
             continue
         name, bn = str(node.target), modules[str(node.target)]
         _check_batch_norm(name, bn)
@@ -246,7 +257,7 @@ def _plan(gm: fx.GraphModule, original: str) -> list[_Fold]:
     return plan
 
 
-def _absorb(layer: nn.Module, bn: _BatchNorm) -> None:
+def _absorb(layer: nn.Module, bn: nn.Module) -> None:
     """Fold ``bn`` into ``layer``'s weight and bias, in float64, cast to their dtypes."""
     weight = layer.weight
     transposed = isinstance(layer, _ConvTransposeNd)
@@ -289,11 +300,14 @@ def fold_model(model: nn.Module) -> fx.GraphModule:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model is a {type(model).__name__}: expected a torch.nn.Module")
     described = f"model ({type(model).__name__})"
-    if isinstance(model, _BatchNorm):
+    if isinstance(model, _FOLDABLE):
         raise ValueError(f"{described} is itself a batch norm: there is no layer before it to fold it into")
-    batch_norms = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    batch_norms = [(name, m) for name, m in model.named_modules() if isinstance(m, _FOLDABLE)]
     if not batch_norms:
-        raise ValueError(f"{described} has no batch norm (no torch.nn.modules.batchnorm._BatchNorm) to fold")
+        raise ValueError(
+            f"{described} has no batch norm (no torch.nn.modules.batchnorm._BatchNorm or "
+            f"normkit_torch.FrozenBatchNorm) to fold"
+        )
     for name, bn in batch_norms:
         _check_batch_norm(name, bn)
     folded = copy.deepcopy(model).eval()
@@ -325,7 +339,7 @@ def fold_model(model: nn.Module) -> fx.GraphModule:
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    left = [name for name, m in gm.named_modules() if isinstance(m, _BatchNorm)]
+    left = [name for name, m in gm.named_modules() if isinstance(m, _FOLDABLE)]
     if left:  # every batch-norm call was folded or refused above
         raise AssertionError(f"batch norms left after folding: {left}")
     return gm.eval()

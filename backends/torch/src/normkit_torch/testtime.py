@@ -61,7 +61,15 @@ class TorchSite:
         }
 
         def record(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            recorder(inputs[0].detach(), 1)
+            x = inputs[0].detach()
+            single = x.dim() >= 2 and x.numel() == x.shape[1]
+            if single and not self.per_instance and not getattr(self.module, "allow_single_value", False):
+                raise ValueError(
+                    f"batch {recorder.batch}: layer {self.name!r} gets one value per channel (input of shape "
+                    f"{tuple(x.shape)}), which a batch norm cannot normalize with batch statistics; "
+                    f"drop such batches (a DataLoader's drop_last=True)"
+                )
+            recorder(x, 1)
 
         self._hook = module.register_forward_pre_hook(record)
         module.train()
