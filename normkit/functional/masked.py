@@ -21,8 +21,10 @@ from typing import Any
 
 from normkit._registry import Backend
 from normkit.functional._arrays import cast, mix, widest_float
+from normkit.functional.statistics import Moments
+from normkit.hookspecs import BackendInfo
 
-__all__ = ["masked_batch_norm"]
+__all__ = ["masked_batch_norm", "running_update"]
 
 Array = Any
 
@@ -56,6 +58,26 @@ def masked_batch_norm(
         y = be.normalize(x, mean, var, weight, bias, eps, reduced, (axis,))
     if running_mean is None or running_var is None:
         return y, None, None
+    new_mean, new_var = running_update(
+        info, Moments(count, mean, m2), running_mean, running_var, momentum, unbiased
+    )
+    return y, new_mean, new_var
+
+
+def running_update(
+    info: BackendInfo,
+    statistics: Moments,
+    running_mean: Array,
+    running_var: Array,
+    momentum: float,
+    unbiased: bool,
+) -> tuple[Array, Array]:
+    """The running statistics after a batch with these per-channel moments (module docstring):
+    each channel moves by ``momentum`` where it has a value (two, for the unbiased variance),
+    and keeps its statistics elsewhere."""
+    count, mean, m2 = statistics
+    wide = info.dtype_name(mean)
+    n = cast(info, count, wide)
     # (1 - w) r + w b per channel, in the widest float the backend has, then cast back to each
     # statistic's own dtype: r + w (b - r) in the state dtype would lose r's digits (at w = 1 the
     # first cumulative-average batch, b - r rounds to -r when b << r)
@@ -66,8 +88,6 @@ def masked_batch_norm(
         stored = m2 / (n - 1.0 + 2.0 * few)  # 0 / (1 or 2) where fewer than two values count
         var_weight = cast(info, count > 1, widest) * momentum
     else:
-        stored = var
+        stored = m2 / (n + cast(info, count == 0, wide))  # 0 / 1 for an empty channel
         var_weight = mean_weight
-    new_mean = mix(info, running_mean, mean, mean_weight)
-    new_var = mix(info, running_var, stored, var_weight)
-    return y, new_mean, new_var
+    return mix(info, running_mean, mean, mean_weight), mix(info, running_var, stored, var_weight)

@@ -196,6 +196,15 @@ class _ChannelNorm(_Layer):
             running_mean, running_var = state.running_mean, state.running_var
         else:
             running_mean = running_var = None
+        communicator = getattr(self, "communicator", None)
+        if communicator is not None and self.training and communicator.size > 1:
+            y, new_mean, new_var, nonempty = self._synchronized(
+                communicator, be, x, shape, axis, mask, state, running_mean, running_var, momentum
+            )
+            if update and nonempty:
+                state = state.replace(running_mean=new_mean, running_var=new_var, num_batches_tracked=count)
+            self._state, self._state_backend = state, self._state_backend or be
+            return y
         y, new_mean, new_var = channel_ops._channel_norm(
             self._op,
             be,
@@ -221,6 +230,39 @@ class _ChannelNorm(_Layer):
         return y
 
 
+    def _synchronized(
+        self,
+        communicator: Any,
+        be: Backend,
+        x: Array,
+        shape: tuple[int, ...],
+        axis: int,
+        mask: Array | None,
+        state: NormState,
+        running_mean: Array | None,
+        running_var: Array | None,
+        momentum: float,
+    ) -> tuple[Array, Array | None, Array | None, bool]:
+        """Training with the global batch's statistics over ``communicator``
+        (:func:`normkit.distributed.sync_batch_norm`): this rank's output, the new running
+        statistics and whether the global batch had any value."""
+        from normkit.distributed.sync import check_layout, sync_batch_norm_with_moments
+        from normkit.functional.statistics import check_mask
+
+        label = f"{type(self).__name__}({shape[axis]})"
+        if mask is not None:
+            check_mask(be, mask, shape)
+        channels_and_dtype = (shape[axis], be.info.dtype_name(x))
+        if getattr(self, "_checked_layout", None) != channels_and_dtype:  # once per layout
+            check_layout(communicator, channels=shape[axis], dtype=channels_and_dtype[1], layer=label)
+            self._checked_layout = channels_and_dtype
+        y, new_mean, new_var, total = sync_batch_norm_with_moments(
+            be, x, mask, axis, state.weight, state.bias, running_mean, running_var, momentum, self.eps,
+            self.running_var_estimator == "unbiased", self.allow_single_value, communicator, label,
+        )  # fmt: skip
+        return y, new_mean, new_var, bool(be.info.to_numpy(total.count).any())
+
+
 class BatchNorm(_ChannelNorm):
     r"""Batch normalization over every axis but the channel axis.
 
@@ -243,6 +285,11 @@ class BatchNorm(_ChannelNorm):
     :param allow_single_value: allow one value per channel in training (``y = β``).
     :param preset: ``"torch"``, ``"keras"``, ``"flax"`` or ``"onnx"``.
     :param backend: force a backend by name instead of choosing by the input's type.
+    :param communicator: a :class:`normkit.distributed.Communicator` (one rank's view of a
+        group of data-parallel replicas): in training, normalize with the statistics of the
+        global batch, every replica's part merged exactly (:mod:`normkit.distributed.sync`);
+        the running statistics, the same on every rank, follow the global count. Eval never
+        communicates. Not part of the state.
     """
 
     _eps_field = "batch_norm_eps"
@@ -263,6 +310,7 @@ class BatchNorm(_ChannelNorm):
         allow_single_value: bool | None = None,
         preset: str | presets.Preset = "torch",
         backend: str | None = None,
+        communicator: Any = None,
     ) -> None:
         super().__init__(
             num_features,
@@ -277,6 +325,17 @@ class BatchNorm(_ChannelNorm):
             preset=preset,
             backend=backend,
         )
+        for method in ("all_gather", "all_gather_ints"):
+            if communicator is not None and not callable(getattr(communicator, method, None)):
+                raise TypeError(
+                    f"communicator is a {type(communicator).__name__} without {method}(); expected a "
+                    f"normkit.distributed.Communicator"
+                )
+        self.communicator = communicator
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the communicator (a connection to other processes)."""
+        return super().__getstate__() | {"communicator": None, "_checked_layout": None}
 
 
 class InstanceNorm(_ChannelNorm):
