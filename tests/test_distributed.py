@@ -226,3 +226,48 @@ def test_eval_never_communicates() -> None:
     bn.eval()(np.ones((2, 3), np.float32))
     with pytest.raises(TypeError, match="communicator is a int without all_gather"):
         normkit.BatchNorm(3, communicator=3)
+
+
+@pytest.mark.parametrize("estimator", ["population", "batch-average"])
+def test_recalibration_over_shards_equals_one_process_over_the_whole_data_set(estimator: str) -> None:
+    """Each rank recalibrates on its shard (one shard empty); every rank stores the statistics
+    one process would store from every batch, the same bits on every rank."""
+    from normkit.testtime import recalibrate
+
+    rng = np.random.default_rng(8)
+    batches = [rng.normal(3.0, 2.0, size=(n, 3, 4)).astype(np.float32) for n in (2, 9, 4, 30, 5)]
+    shards = [batches[:2], [], batches[2:]]
+
+    def layers() -> dict[str, normkit.BatchNorm | normkit.InstanceNorm]:
+        bn, inorm = normkit.BatchNorm(3), normkit.InstanceNorm(3, track_running_stats=True)
+        bn.load_state_dict(bn_state())
+        inorm(np.ones((2, 3, 4), np.float32))
+        return {"bn": bn, "in": inorm}
+
+    def forward(model: dict) -> object:
+        return lambda x: model["in"](model["bn"](x))
+
+    def rank(comm: object) -> tuple:
+        model = layers()
+        recalibrate(
+            model,
+            shards[comm.rank],
+            forward=forward(model),
+            estimator=estimator,
+            progress=False,
+            communicator=comm,
+        )
+        return tuple(model[k].state_dict()[s] for k in ("bn", "in") for s in ("running_mean", "running_var"))
+
+    results = ThreadGroup(3).run(rank)
+    for r in results[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(r, results[0], strict=True))
+    single = layers()
+    recalibrate(single, batches, forward=forward(single), estimator=estimator, progress=False)
+    expected = tuple(single[k].state_dict()[s] for k in ("bn", "in") for s in ("running_mean", "running_var"))
+    probe = layers()["bn"]  # the instance norm's inputs: the batch norm's outputs in training
+    magnitude = max(float(np.abs(a).max()) for b in batches for a in (b, probe(b)))
+    for got, want, statistic in zip(results[0], expected, ("mean", "var") * 2, strict=True):
+        np.testing.assert_allclose(
+            got, want, **statistics_tolerance("float32", statistic, magnitude).pairwise().kwargs
+        )

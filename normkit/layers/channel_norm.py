@@ -229,7 +229,6 @@ class _ChannelNorm(_Layer):
         self._state, self._state_backend = state, self._state_backend or be
         return y
 
-
     def _synchronized(
         self,
         communicator: Any,

@@ -39,7 +39,9 @@ Array = Any
 
 def _stored(site: Site, m: Moments) -> tuple[np.ndarray, np.ndarray]:
     """Mean and the variance the site's layer stores (unbiased or biased), float64 NumPy."""
-    count, mean, m2 = (site.to_numpy(a) for a in m)
+    count, mean, m2 = (
+        np.asarray(a, np.float64) if isinstance(a, np.ndarray) else site.to_numpy(a) for a in m
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         var = m2 / (count - 1.0) if site.unbiased else m2 / count
     return mean, var
@@ -82,6 +84,63 @@ def pooled_moments(site: Site, parts: list[Moments]) -> Moments:
     )
 
 
+def _local_sums(site: Site, parts: list[Moments], estimator: str) -> tuple[np.ndarray, ...]:
+    """What a rank contributes to the distributed estimate, per channel, float64: for the
+    population estimate of a batch norm its pooled ``(n, mean, M2)`` (zeros for no batch), for
+    every other estimate the sums of the averaged statistics and how many they are."""
+    channels = site.channels
+    if parts:
+        channels = int(np.asarray(site.to_numpy(parts[0].mean)).shape[-1])
+    if channels is None:
+        raise ValueError(
+            f"layer {site.name or 'the layer'!r}: its channel count is unknown on a rank without batches"
+        )
+    zeros = np.zeros(channels)
+    if not site.per_instance and estimator == "population":
+        if not parts:
+            return zeros, zeros, zeros
+        merged = merge_moments(*parts)
+        return tuple(np.asarray(site.to_numpy(a), np.float64) for a in merged)
+    stored = [_stored(site, part) for part in parts]
+    if site.per_instance and estimator == "population":  # every sample alike
+        means = [m.reshape(-1, channels) for m, _ in stored]
+        variances = [v.reshape(-1, channels) for _, v in stored]
+        taken = sum(len(m) for m in means)
+        total_mean = sum((m.sum(0) for m in means), zeros)
+        total_var = sum((v.sum(0) for v in variances), zeros)
+    else:  # one term per batch
+        taken = len(stored)
+        average = (lambda a: a.mean(0)) if site.per_instance else (lambda a: a)
+        total_mean = sum((average(m) for m, _ in stored), zeros)
+        total_var = sum((average(v) for _, v in stored), zeros)
+    return np.full(channels, float(taken)), total_mean, total_var
+
+
+def _distributed_statistics(
+    site: Site, parts: list[Moments], estimator: str, communicator: Any
+) -> tuple[tuple[np.ndarray, np.ndarray], Moments]:
+    """The estimate over every rank's batches (the same bits on every rank), and the pooled
+    moments of a batch norm (of this rank, for an instance norm)."""
+    from normkit.distributed.sync import _collective
+
+    label = site.name or "the layer"
+    mine = _local_sums(site, parts, estimator)
+    gathered = _collective(
+        communicator, label, "all-gather of the recorded statistics", communicator.all_gather, mine
+    )
+    if not site.per_instance and estimator == "population":
+        total = merge_moments(*(Moments(np.asarray(c).astype(np.int64), m, m2) for c, m, m2 in gathered))
+        if not np.asarray(total.count).any():
+            raise ValueError(f"layer {label!r}: no rank recorded any value (every shard is empty)")
+        return _stored(site, total), total
+    taken = sum(np.asarray(g[0], np.float64) for g in gathered)
+    if not taken.any():
+        raise ValueError(f"layer {label!r}: no rank recorded any value (every shard is empty)")
+    mean = sum(np.asarray(g[1], np.float64) for g in gathered) / taken
+    var = sum(np.asarray(g[2], np.float64) for g in gathered) / taken
+    return (mean, var), (pooled_moments(site, parts) if parts else Moments(*(np.zeros_like(mean),) * 3))
+
+
 def recalibrate(
     model: object,
     batches: Iterable[object],
@@ -89,6 +148,7 @@ def recalibrate(
     forward: Callable[[Array], object] | None = None,
     estimator: str = "population",
     progress: bool = True,
+    communicator: Any = None,
 ) -> dict[str, Moments]:
     """Set every batch norm's running statistics to the statistics of its input over ``batches``.
 
@@ -103,6 +163,11 @@ def recalibrate(
     :param estimator: ``"population"`` (exact pooled statistics) or ``"batch-average"``
         (``update_bn``'s average of per-batch statistics); see the module docstring.
     :param progress: show a progress bar on stderr once the run has taken a second.
+    :param communicator: a :class:`normkit.distributed.Communicator`: ``batches`` is this rank's
+        shard of a data set sharded across ranks (possibly empty), and every rank stores the
+        statistics of the whole data set, the same bits everywhere (one all-gather per layer of
+        each rank's pooled moments, merged in rank order; for the other estimates, the sums of
+        the averaged statistics and their number).
     :returns: each layer's merged :class:`~normkit.Moments` over all batches, by name.
     :raises ValueError: for an unknown estimator, a model without batch norm, no batches, or a
         layer that no batch reached; any error (a batch the model refuses included) leaves the
@@ -111,8 +176,20 @@ def recalibrate(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r}; expected one of {ESTIMATORS}")
-    with recorded(model, batches, forward=forward, progress=progress, task="recalibrate") as (sites, parts):
-        estimates = {name: layer_statistics(site, parts[name], estimator) for name, site in sites.items()}
+    with recorded(
+        model, batches, forward=forward, progress=progress, task="recalibrate",
+        allow_no_batches=communicator is not None,
+    ) as (sites, parts):  # fmt: skip
+        if communicator is None:
+            estimates = {name: layer_statistics(site, parts[name], estimator) for name, site in sites.items()}
+            merged = {name: pooled_moments(site, parts[name]) for name, site in sites.items()}
+        else:
+            both = {
+                name: _distributed_statistics(site, parts[name], estimator, communicator)
+                for name, site in sites.items()
+            }
+            estimates = {name: value[0] for name, value in both.items()}
+            merged = {name: value[1] for name, value in both.items()}
         for name, site in sites.items():
             site.commit(*estimates[name])
-        return {name: pooled_moments(site, parts[name]) for name, site in sites.items()}
+        return merged

@@ -69,9 +69,13 @@ def recorded(
     forward: Callable[[Array], object] | None,
     progress: bool,
     task: str,
+    allow_no_batches: bool = False,
 ) -> Iterator[tuple[dict[str, Site], dict[str, list[Moments]]]]:
     """Run ``batches`` through ``model`` with every site recording; yield the sites and each
     site's per-batch moments, by name.
+
+    :param allow_no_batches: accept an empty ``batches`` (every site then has no moments): one
+        rank's shard of a data set sharded across ranks may be empty.
 
     :param task: the caller's name, for messages and the progress line.
     :raises TypeError: for ``batches`` that is one array rather than an iterable of batches.
@@ -120,9 +124,9 @@ def recorded(
                     bar.update(seen)
             finally:
                 bar.close()
-        if seen == 0:
+        if seen == 0 and not allow_no_batches:
             raise ValueError(f"batches is empty; {task} needs at least one batch")
-        silent = [name or "the layer" for name in sites if not recorders[name].parts]
+        silent = [name or "the layer" for name in sites if seen and not recorders[name].parts]
         if silent:
             raise ValueError(f"no batch reached the layer(s) {silent}: forward does not call them")
         yield sites, {name: recorder.parts for name, recorder in recorders.items()}
