@@ -15,21 +15,12 @@ import normkit
 from normkit import reference
 from normkit.distributed import CommunicatorError, synchronized_moments
 from normkit.distributed.testing import ThreadGroup
+from normkit.testing.distributed import bn_state, output_bound, parts_of
 from normkit.testing.tolerances import (
-    CENTERING_FACTOR,
-    EPS,
-    compute_dtype,
-    output_tolerance,
-    statistics_effect,
     statistics_tolerance,
 )
 
 SIZES = {"unequal": (1, 7, 64, 200), "one-empty": (0, 5, 11)}
-
-
-def parts_of(sizes: tuple[int, ...], loc: float, dtype: str, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.normal(loc, 1.0, size=(n, 3, 4)).astype(dtype) for n in sizes]
 
 
 def train_each_rank(parts: list[np.ndarray], steps: int = 2, **options: object) -> list[tuple]:
@@ -43,41 +34,6 @@ def train_each_rank(parts: list[np.ndarray], steps: int = 2, **options: object) 
         return y, bn.running_mean, bn.running_var, bn.num_batches_tracked
 
     return ThreadGroup(len(parts)).run(rank)
-
-
-def bn_state() -> dict[str, object]:
-    layer = normkit.BatchNorm(3)
-    layer(np.zeros((2, 3), np.float32))  # creates the state
-    return layer.state_dict() | {
-        "weight": np.array([0.5, 1.0, 2.0], np.float32),
-        "bias": np.array([0.25, 0.0, -1.0], np.float32),
-        "running_mean": np.array([1.0, -2.0, 0.5], np.float32),
-        "running_var": np.array([2.0, 0.5, 1.0], np.float32),
-        "num_batches_tracked": 0,
-    }
-
-
-def output_bound(
-    x: np.ndarray, y_ref: np.ndarray, mean: np.ndarray, var: np.ndarray, weight: np.ndarray, dtype: str
-) -> np.ndarray:
-    """The suite's output bound for a normalization with these statistics, plus the effect of
-    statistics computed in the compute dtype (within statistics_tolerance of the exact ones)."""
-    shape = (1, -1, 1)
-    eps = 1e-5
-    magnitude = float(np.abs(x).max())
-    mean_tol = statistics_tolerance(dtype, "mean", magnitude)
-    var_tol = statistics_tolerance(dtype, "var", magnitude)
-    effect = statistics_effect(
-        x, mean.reshape(shape), var.reshape(shape), eps, weight.reshape(shape),
-        mean_error=(mean_tol.rtol * np.abs(mean) + mean_tol.atol).reshape(shape),
-        var_error=(var_tol.rtol * var + var_tol.atol).reshape(shape),
-    )  # fmt: skip
-    gain = (np.abs(mean) * np.abs(weight) / np.sqrt(var + eps)).reshape(shape)
-    return (
-        output_tolerance(dtype).bound(y_ref, 0.0)
-        + CENTERING_FACTOR * EPS[compute_dtype(dtype)] * gain
-        + effect
-    )
 
 
 @pytest.mark.parametrize("dtype, loc", [("float32", 0.5), ("float32", 1e4), ("float16", 3.0)])

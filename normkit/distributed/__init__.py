@@ -1,7 +1,9 @@
 r"""Synchronized batch norm: every data-parallel replica normalizes with the statistics of the
 global batch, by one all-gather of each replica's moments and Chan's exact merge in rank order
 (:mod:`normkit.distributed.sync`), over any engine that implements a small
-:class:`Communicator` (:mod:`normkit.distributed.communicator`).
+:class:`Communicator` (:mod:`normkit.distributed.communicator`): MPI in
+:mod:`normkit.distributed.mpi` (``normkit[mpi]``), ``torch.distributed`` in
+``normkit_torch.distributed``, ``tf.distribute`` in ``normkit_tensorflow``.
 
 Importing this package imports no engine (no ``torch.distributed``, no MPI).
 """
