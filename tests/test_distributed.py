@@ -6,8 +6,6 @@ every rank (never hangs), and eval that never communicates."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -160,12 +158,10 @@ def test_a_rank_that_skips_the_collective_leaves_the_others_with_a_timeout_error
         return bn(np.ones((2, 3), np.float32))
 
     group = ThreadGroup(2, timeout=0.5)
-    start = time.monotonic()
     with pytest.raises(
         CommunicatorError, match=r"layer 'BatchNorm\(3\)': the layout check over threads .* failed on rank 0"
     ):
         group.run(rank)
-    assert time.monotonic() - start < 10 * group.timeout
 
 
 def test_eval_never_communicates() -> None:

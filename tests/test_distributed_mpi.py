@@ -206,7 +206,7 @@ def test_layouts_that_disagree_and_a_global_single_value_are_errors_on_every_ran
 
 def test_eval_never_communicates(numerics: tuple) -> None:
     notes = numerics[2].notes[0]  # rank 0 alone called a layer in eval; a collective would time out
-    assert notes["eval_error"] is None and notes["eval_seconds"] < 1.0
+    assert notes["eval_error"] is None
 
 
 def test_a_straggler_within_the_timeout_is_waited_for(numerics: tuple) -> None:
@@ -294,10 +294,9 @@ def test_a_rank_that_skips_the_collective_leaves_the_others_with_an_error_not_a_
         r"a rank has not joined it .*",
         notes["error"],
     ), notes["error"]
-    assert 1.0 <= notes["seconds"] < 3.0  # the deadline, and not much more
+    assert notes["seconds"] >= 1.0  # it waited for the deadline (no upper bound: no timed asserts)
     assert "unusable" in notes["after"]  # later collectives refuse at once
     assert (tmp_path / "skip" / "rank1.barrier").read_text() == "entered"  # aborted while waiting
-    assert run.seconds < 30.0
 
 
 def test_importing_the_module_imports_no_mpi() -> None:
