@@ -13,6 +13,7 @@ BatchNorm2d(3, eps=0.001, momentum=0.01, affine=True, bias=True, track_running_s
 """
 
 from normkit_torch.convert import convert_norm_layers
+from normkit_torch.distributed import BatchNormXd, SyncBatchNorm, TorchCommunicator, revert_sync_batchnorm
 from normkit_torch.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from normkit_torch.modules import (
     BatchNorm1d,
@@ -32,6 +33,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormXd",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
@@ -42,6 +44,9 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "RMSNorm",
+    "SyncBatchNorm",
+    "TorchCommunicator",
     "__version__",
     "convert_norm_layers",
+    "revert_sync_batchnorm",
 ]
