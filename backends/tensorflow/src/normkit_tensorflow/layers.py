@@ -49,9 +49,13 @@ import tensorflow as tf
 import normkit
 from normkit import presets
 from normkit._registry import backend_for
+from normkit.distributed import CommunicatorError, synchronized_moments
 from normkit.errors import StateDictError
-from normkit.functional.masked import masked_batch_norm
+from normkit.functional._arrays import cast
+from normkit.functional.masked import masked_batch_norm, running_update
+from normkit.functional.statistics import Moments
 from normkit_tensorflow import kernels
+from normkit_tensorflow.distributed import ReplicaCommunicator
 
 __all__ = [
     "BatchNormalization",
@@ -175,7 +179,19 @@ class _PresetOptions:
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class BatchNormalization(_PresetOptions, keras.layers.BatchNormalization):
-    """``keras.layers.BatchNormalization`` on normkit's kernels, with ``preset=``."""
+    r"""``keras.layers.BatchNormalization`` on normkit's kernels, with ``preset=``.
+
+    ``synchronized=True``: in training, inside a ``tf.distribute`` replica context with more
+    than one replica (``strategy.run``, and so Keras's ``fit`` under ``MirroredStrategy`` or
+    ``MultiWorkerMirroredStrategy``), every replica normalizes with the statistics of the global
+    batch: its per-channel moments :math:`(n_r, \mu_r, M_{2,r})` (masks honoured), one
+    all-gather, Chan's merge in replica order in float64 (see
+    :mod:`normkit_tensorflow.distributed`), :math:`y = \gamma (x - \mu)/\sqrt{M_2/N + \epsilon}
+    + \beta`; the moving statistics move with the global count :math:`N` and are bit-identical on
+    every replica. Keras's own layer takes :math:`E[x^2] - E[x]^2` of all-reduced sums instead,
+    and with a mask does not synchronize at all. Outside a strategy, with one replica, or in
+    eval, the layer is the local one (eval never communicates).
+    """
 
     def __init__(
         self,
@@ -200,7 +216,9 @@ class BatchNormalization(_PresetOptions, keras.layers.BatchNormalization):
         **kwargs: Any,
     ) -> None:
         _check_keras_backend("BatchNormalization")
-        _unsupported(renorm=renorm, synchronized=synchronized)
+        _unsupported(renorm=renorm)
+        if not isinstance(synchronized, bool):
+            raise TypeError(f"synchronized={synchronized!r}: expected True or False")
         p = presets.get_preset(preset)
         super().__init__(
             axis=axis,
@@ -216,6 +234,7 @@ class BatchNormalization(_PresetOptions, keras.layers.BatchNormalization):
             gamma_regularizer=gamma_regularizer,
             beta_constraint=beta_constraint,
             gamma_constraint=gamma_constraint,
+            synchronized=synchronized,
             **kwargs,
         )
         self._set_preset(p)
@@ -299,9 +318,12 @@ class BatchNormalization(_PresetOptions, keras.layers.BatchNormalization):
                 f"shape is {tuple(inputs.shape)} (Keras's mask of positions, broadcast over the last axis)"
             )
         use_batch_stats = bool(training) and self.trainable
-        if use_batch_stats:
+        context = self._replica_context() if use_batch_stats else None
+        if use_batch_stats and context is None:  # synchronized, the global count is what counts
             self._check_values_per_group(inputs, [a for a in range(rank) if a != axis])
-        if use_batch_stats and mask is not None:
+        if context is not None:
+            y, mean, var = self._synchronized_batch_norm(inputs, mask, axis, context)
+        elif use_batch_stats and mask is not None:
             y, mean, var = masked_batch_norm(  # normkit's one composition, on this backend's kernels
                 backend_for(inputs),
                 inputs,
@@ -330,9 +352,75 @@ class BatchNormalization(_PresetOptions, keras.layers.BatchNormalization):
                 self.unbiased_running_var,
             )
         if use_batch_stats:
+            # in a replica context each replica assigns its own copy (the variables' aggregation is
+            # Keras's "none", as for Keras's own layer); synchronized, the values are the same bits
             self.moving_mean.assign(mean)
             self.moving_variance.assign(var)
         return tf.cast(y, self.compute_dtype)
+
+    def _replica_context(self) -> tf.distribute.ReplicaContext | None:
+        """The replica context to synchronize over: with ``synchronized=True``, inside
+        ``strategy.run`` with more than one replica; else ``None`` (the local layer)."""
+        if not self.synchronized:
+            return None
+        context = tf.distribute.get_replica_context()  # None in a cross-replica context
+        if context is None or context.num_replicas_in_sync < 2:
+            return None
+        return context
+
+    def _synchronized_batch_norm(
+        self, inputs: tf.Tensor, mask: Any, axis: int, context: tf.distribute.ReplicaContext
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        r"""Training-mode batch norm with the global batch's statistics: this replica's output
+        and the new moving statistics (the same bits on every replica). ``mask``: Keras's mask of
+        positions (``inputs.shape[:-1]``), broadcast over the last axis.
+
+        :raises ValueError: eagerly, on every replica, for a global batch of one value per
+            channel unless the preset allows it (inside ``tf.function``: an
+            ``InvalidArgumentError`` with the same words), and for replicas whose channel count
+            or dtype disagree (:class:`normkit_tensorflow.distributed.LayoutMismatch`).
+        """
+        be = backend_for(inputs)
+        info = be.info
+        rank = len(inputs.shape)
+        reduced = tuple(a for a in range(rank) if a != axis)
+        comm = ReplicaCommunicator(
+            context, layer=self.name, channels=inputs.shape[axis], dtype=inputs.dtype.name
+        )
+        selected = None if mask is None else tf.expand_dims(tf.cast(mask, tf.bool), -1)
+        local = Moments(*be.moments(inputs, reduced, selected, None, None))
+        try:
+            total = synchronized_moments(local, comm, layer=self.name)
+        except CommunicatorError as error:
+            if isinstance(error.__cause__, ValueError):  # the layout check: its own words
+                raise error.__cause__ from None
+            raise
+        checks = []
+        if not self.allow_single_value:
+            words = (
+                f"layer {self.name!r}: the global batch over {comm.engine} has 1 value per channel; expected "
+                f"more than 1 value per channel when training (preset={self.preset!r}; preset='keras' allows it)"
+            )
+            single = tf.equal(tf.reduce_max(total.count), 1)
+            if tf.executing_eagerly():
+                if bool(single):
+                    raise ValueError(words)
+            else:
+                checks.append(tf.debugging.Assert(tf.logical_not(single), [words]))
+        wide = info.dtype_name(total.mean)
+        n = cast(info, total.count, wide)
+        empty = cast(info, total.count == 0, wide)
+        var = total.m2 / (n + empty)  # M2 / N, 0 / 1 where nothing counts
+        gamma, beta, moving_mean, moving_variance = (  # Keras variables as tensors (normkit's arrays)
+            None if v is None else tf.convert_to_tensor(v)
+            for v in (self.gamma, self.beta, self.moving_mean, self.moving_variance)
+        )
+        with tf.control_dependencies(checks):
+            y = be.normalize(inputs, total.mean, var, gamma, beta, self.epsilon, reduced, (axis,))
+            mean, variance = running_update(
+                info, total, moving_mean, moving_variance, 1.0 - self.momentum, self.unbiased_running_var
+            )
+        return y, mean, variance
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "preset": self.preset}
