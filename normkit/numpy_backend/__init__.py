@@ -369,6 +369,17 @@ def normkit_moments(x, axes, mask, group_axis, num_groups):
 
 @hookimpl
 def normkit_normalize(x, mean, var, weight, bias, eps, axes, param_axes, *, out=None):
+    glue = _glue()
+    per_channel = (
+        len(param_axes) == 1
+        and np.size(mean) == x.shape[param_axes[0]]
+        and len(axes) + 1 == x.ndim
+        and x.size > 0
+    )
+    if glue is not None and per_channel:  # the compiled eval kernel: the same map, fused
+        y = glue.channel_eval(x, mean, var, weight, bias, eps, param_axes[0] % x.ndim, out)
+        if y is not None:
+            return y
     return statistics.normalize(x, mean, var, weight, bias, eps, tuple(axes), tuple(param_axes), out)
 
 
