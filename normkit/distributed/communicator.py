@@ -34,7 +34,8 @@ class Communicator(Protocol):
     def all_gather(self, arrays: Sequence[Array]) -> list[tuple[Array, ...]]:
         """Every rank's ``arrays``, in rank order, in one collective. Every rank passes arrays
         of the same shapes and dtypes, of one backend; the result's arrays are of that backend
-        (on the device of the input)."""
+        (on the device of the input). Every engine also takes NumPy arrays (small host-side
+        statistics: distributed recalibration)."""
 
     def all_gather_ints(self, values: Sequence[int]) -> list[tuple[int, ...]]:
         """Every rank's few small integers, in rank order (the layout check)."""

@@ -426,7 +426,36 @@ def _scenario_four(rank: int, world: int, device: torch.device) -> dict[str, Any
     out["eps_zero"] = _eps_zero(rank)
     out["one_value"] = _one_value(rank)
     out["mismatch"] = _mismatched_channels(rank)
+    out["recalibrated"] = _recalibrated_shard(rank)
     return out
+
+
+RECALIBRATION_SHARDS = ((0, 2), (2, 4), (4, 4), (4, 5))
+"""Rank r recalibrates on batches [lo, hi) of RECALIBRATION_BATCHES (rank 2's shard is empty)."""
+RECALIBRATION_BATCHES = (2, 5, 3, 4, 6)
+
+
+def _recalibration_model() -> nn.Module:
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(3, CHANNELS, 1), nn.BatchNorm2d(CHANNELS), nn.ReLU(), nn.BatchNorm2d(CHANNELS)
+    )
+    return model.eval()
+
+
+def _recalibration_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(6)
+    return [torch.randn(n, 3, *SPATIAL, generator=g) * 2 + 1 for n in RECALIBRATION_BATCHES]
+
+
+def _recalibrated_shard(rank: int) -> dict[str, np.ndarray]:
+    """recalibrate over this rank's shard of a data set, with a TorchCommunicator."""
+    from normkit.testtime import recalibrate
+
+    model, batches = _recalibration_model(), _recalibration_batches()
+    lo, hi = RECALIBRATION_SHARDS[rank]
+    recalibrate(model, batches[lo:hi], progress=False, communicator=TorchCommunicator())
+    return {k: _numpy(v) for k, v in model.state_dict().items() if "running" in k}
 
 
 # DDP: Conv2d -> BatchNorm2d -> ReLU -> Flatten -> Linear, the global batch of 12 split 5 | 7
@@ -1063,3 +1092,31 @@ def test_convert_and_revert_keep_state_presets_and_classes() -> None:
     lone = SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(3))
     assert type(lone) is SyncBatchNorm and lone.layer_name == "SyncBatchNorm(3)"
     assert type(revert_sync_batchnorm(lone)) is nn.BatchNorm1d
+
+
+def test_recalibration_over_shards_equals_one_process_over_the_whole_data_set(
+    four_ranks: list[dict[str, Any]],
+) -> None:
+    """recalibrate(..., communicator=TorchCommunicator()) on 4 ranks, one shard empty: the same
+    bits on every rank, and one process's recalibration over every batch within the pairwise
+    statistics tolerance (the ranks merge per rank, then across ranks, in another order)."""
+    from normkit.testtime import recalibrate
+
+    got = [r["recalibrated"] for r in four_ranks]
+    for other in got[1:]:
+        assert all(np.array_equal(other[k], got[0][k]) for k in got[0])
+    model, batches = _recalibration_model(), _recalibration_batches()
+    recalibrate(model, batches, progress=False)
+    probe = copy.deepcopy(model)  # the second batch norm's inputs: the first's outputs in training
+    with torch.no_grad():
+        magnitude = max(
+            float(t.abs().max())
+            for b in batches
+            for t in (b, probe[0](b), probe[2](probe[1].train()(probe[0](b))))
+        )
+    for key, value in model.state_dict().items():
+        if "running" in key:
+            tolerance = statistics_tolerance(
+                "float32", "mean" if "mean" in key else "var", magnitude
+            ).pairwise()
+            np.testing.assert_allclose(got[0][key], _numpy(value), **tolerance.kwargs)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -136,6 +137,9 @@ class TorchCommunicator:
         :math:`2^{53}` (counts, here)."""
         if not arrays:
             return [() for _ in range(self.size)]
+        if all(isinstance(a, np.ndarray) for a in arrays):  # small host statistics (recalibration)
+            tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays]
+            return [tuple(t.cpu().numpy() for t in part) for part in self.all_gather(tensors)]
         device = arrays[0].device
         wide = _wide(device)
         flat = torch.cat([a.detach().reshape(-1).to(device=device, dtype=wide) for a in arrays])
