@@ -22,16 +22,15 @@ communicates.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from normkit._registry import Backend
 from normkit.distributed.communicator import Communicator, CommunicatorError
 from normkit.functional._arrays import cast, widest_float
-from normkit.functional.masked import running_update
+from normkit.functional.masked import masked_batch_norm
 from normkit.functional.statistics import Moments, merge_moments
 
-__all__ = ["check_layout", "sync_batch_norm", "sync_batch_norm_with_moments", "synchronized_moments"]
+__all__ = ["check_layout", "sync_batch_norm", "synchronized_moments"]
 
 Array = Any
 
@@ -100,54 +99,30 @@ def sync_batch_norm(
     allow_single_value: bool,
     comm: Communicator,
     layer: str,
-) -> tuple[Array, Array | None, Array | None]:
+) -> tuple[Array, Array | None, Array | None, Moments]:
     """Training-mode batch norm with the global batch's statistics (module docstring): this
-    rank's normalized part and the new running statistics (the same on every rank).
+    rank's normalized part, the new running statistics (the same on every rank) and the global
+    moments. It is masked batch norm's composition
+    (:func:`normkit.functional.masked.masked_batch_norm`) with this rank's moments replaced by
+    the global ones.
 
     :raises ValueError: on every rank, for a global count of one value per channel unless
         ``allow_single_value``.
     """
-    y, new_mean, new_var, _ = sync_batch_norm_with_moments(
-        be, x, mask, axis, weight, bias, running_mean, running_var, momentum, eps, unbiased,
-        allow_single_value, comm, layer,
-    )  # fmt: skip
-    return y, new_mean, new_var
+    merged: list[Moments] = []
 
+    def combine(local: Moments) -> Moments:
+        total = synchronized_moments(local, comm, layer=layer)
+        counts = be.info.to_numpy(total.count)
+        if not allow_single_value and counts.size and int(counts.max()) == 1:
+            raise ValueError(
+                f"layer {layer!r}: the global batch over {comm.engine} has 1 value per channel; expected "
+                f"more than 1 value per channel when training (the preset does not allow a single value)"
+            )
+        merged.append(total)
+        return total
 
-def sync_batch_norm_with_moments(
-    be: Backend,
-    x: Array,
-    mask: Array | None,
-    axis: int,
-    weight: Array | None,
-    bias: Array | None,
-    running_mean: Array | None,
-    running_var: Array | None,
-    momentum: float,
-    eps: float,
-    unbiased: bool,
-    allow_single_value: bool,
-    comm: Communicator,
-    layer: str,
-) -> tuple[Array, Array | None, Array | None, Moments]:
-    """:func:`sync_batch_norm`, and the global moments it normalized with."""
-    info = be.info
-    shape = tuple(info.shape(x))
-    reduced = tuple(a for a in range(len(shape)) if a != axis)
-    local = Moments(*be.moments(x, reduced, mask, None, None))
-    total = synchronized_moments(local, comm, layer=layer)
-    counts = info.to_numpy(total.count)
-    if not allow_single_value and counts.size and int(counts.max()) == 1:
-        raise ValueError(
-            f"layer {layer!r}: the global batch over {comm.engine} has 1 value per channel; expected more "
-            f"than 1 value per channel when training (the preset does not allow a single value)"
-        )
-    wide = info.dtype_name(total.mean)
-    n = cast(info, total.count, wide)
-    empty = cast(info, total.count == 0, wide)
-    var = total.m2 / (n + empty)  # M2 / N, 0 / 1 where nothing counts
-    y = x if math.prod(shape) == 0 else be.normalize(x, total.mean, var, weight, bias, eps, reduced, (axis,))
-    if running_mean is None or running_var is None:
-        return y, None, None, total
-    new_mean, new_var = running_update(info, total, running_mean, running_var, momentum, unbiased)
-    return y, new_mean, new_var, total
+    y, new_mean, new_var = masked_batch_norm(
+        be, x, mask, axis, weight, bias, running_mean, running_var, momentum, eps, unbiased, None, combine
+    )
+    return y, new_mean, new_var, merged[0]

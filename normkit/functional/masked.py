@@ -17,6 +17,8 @@ statistics.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 from normkit._registry import Backend
@@ -42,25 +44,34 @@ def masked_batch_norm(
     eps: float,
     unbiased: bool,
     out: Array | None,
+    combine: Callable[[Moments], Moments] | None = None,
 ) -> tuple[Array, Array | None, Array | None]:
-    """Training-mode batch norm over the unmasked values (see the module docstring)."""
+    """Training-mode batch norm over the unmasked values (see the module docstring).
+
+    :param combine: turns this call's moments into the ones to normalize with and update from
+        (synchronized batch norm: the global batch's, :func:`normkit.distributed.sync_batch_norm`);
+        ``None`` uses this call's own.
+    """
     info = be.info
-    ndim = len(info.shape(x))
-    reduced = tuple(a for a in range(ndim) if a != axis)
-    count, mean, m2 = be.moments(x, reduced, mask, None, None)
+    shape = tuple(info.shape(x))
+    reduced = tuple(a for a in range(len(shape)) if a != axis)
+    statistics = Moments(*be.moments(x, reduced, mask, None, None))
+    if combine is not None:
+        statistics = combine(statistics)
+    count, mean, m2 = statistics
     wide = info.dtype_name(mean)
     n = cast(info, count, wide)
     empty = cast(info, count == 0, wide)
     var = m2 / (n + empty)  # 0 / 1 for an empty channel
-    if out is not None:
+    if None not in shape and math.prod(shape) == 0:  # an empty part (a replica's): nothing to normalize
+        y = x if out is None else out
+    elif out is not None:
         y = be.normalize(x, mean, var, weight, bias, eps, reduced, (axis,), out=out)
     else:
         y = be.normalize(x, mean, var, weight, bias, eps, reduced, (axis,))
     if running_mean is None or running_var is None:
         return y, None, None
-    new_mean, new_var = running_update(
-        info, Moments(count, mean, m2), running_mean, running_var, momentum, unbiased
-    )
+    new_mean, new_var = running_update(info, statistics, running_mean, running_var, momentum, unbiased)
     return y, new_mean, new_var
 
 

@@ -245,7 +245,7 @@ class _ChannelNorm(_Layer):
         """Training with the global batch's statistics over ``communicator``
         (:func:`normkit.distributed.sync_batch_norm`): this rank's output, the new running
         statistics and whether the global batch had any value."""
-        from normkit.distributed.sync import check_layout, sync_batch_norm_with_moments
+        from normkit.distributed.sync import check_layout, sync_batch_norm
         from normkit.functional.statistics import check_mask
 
         label = f"{type(self).__name__}({shape[axis]})"
@@ -255,7 +255,7 @@ class _ChannelNorm(_Layer):
         if getattr(self, "_checked_layout", None) != channels_and_dtype:  # once per layout
             check_layout(communicator, channels=shape[axis], dtype=channels_and_dtype[1], layer=label)
             self._checked_layout = channels_and_dtype
-        y, new_mean, new_var, total = sync_batch_norm_with_moments(
+        y, new_mean, new_var, total = sync_batch_norm(
             be, x, mask, axis, state.weight, state.bias, running_mean, running_var, momentum, self.eps,
             self.running_var_estimator == "unbiased", self.allow_single_value, communicator, label,
         )  # fmt: skip
