@@ -32,22 +32,44 @@ _CHANNEL_NORMS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
+CHANNEL_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+"""A batch or instance norm's parameters and buffers."""
+
+
+def sharing_state(new: nn.Module, module: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    """``new`` holding ``module``'s named Parameters and buffers (the same objects, not copies:
+    an optimizer built before keeps working), in its training mode, with its ``qconfig``."""
+    with torch.no_grad():
+        for name in names:
+            setattr(new, name, getattr(module, name))
+    new.train(module.training)
+    if hasattr(module, "qconfig"):
+        new.qconfig = module.qconfig
+    return new
+
+
+def rebuilt_channel_norm(kind: type[nn.Module], module: nn.Module, **kwargs: object) -> nn.Module:
+    """A ``kind`` batch or instance norm with ``module``'s configuration (``kwargs`` added: a
+    preset, a process group), sharing its Parameters and buffers."""
+    new = kind(
+        module.num_features,
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        device="meta",
+        bias=module.bias is not None or not module.affine,
+        **kwargs,
+    )
+    return sharing_state(new, module, CHANNEL_STATE)
+
+
 def _converted(module: nn.Module, preset: str | presets.Preset) -> nn.Module:
     """normkit's counterpart of one stock layer (``module`` itself for any other module)."""
     kind = type(module)  # exact types only: a subclass may have changed what forward does
     if kind in _CHANNEL_NORMS:
-        new = _CHANNEL_NORMS[kind](
-            module.num_features,
-            eps=module.eps,
-            momentum=module.momentum,
-            affine=module.affine,
-            track_running_stats=module.track_running_stats,
-            device="meta",
-            bias=module.bias is not None or not module.affine,
-            preset=preset,
-        )
-        names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    elif kind is nn.GroupNorm:
+        return rebuilt_channel_norm(_CHANNEL_NORMS[kind], module, preset=preset)
+    if kind is nn.GroupNorm:
         new = modules.GroupNorm(
             module.num_groups,
             module.num_channels,
@@ -81,13 +103,7 @@ def _converted(module: nn.Module, preset: str | presets.Preset) -> nn.Module:
         names = ("weight", "bias")
     else:
         return module
-    with torch.no_grad():
-        for name in names:  # the same Parameter and buffer objects, not copies
-            setattr(new, name, getattr(module, name))
-    new.train(module.training)
-    if hasattr(module, "qconfig"):
-        new.qconfig = module.qconfig
-    return new
+    return sharing_state(new, module, names)
 
 
 def convert_norm_layers(module: nn.Module, preset: str | presets.Preset = "torch") -> nn.Module:

@@ -60,6 +60,7 @@ from normkit.distributed import CommunicatorError, check_layout, synchronized_mo
 from normkit.functional.masked import running_update
 from normkit.functional.statistics import Moments
 from normkit_torch import modules, statistics
+from normkit_torch.convert import rebuilt_channel_norm
 from normkit_torch.kernels import compute_dtype
 
 __all__ = [
@@ -438,29 +439,6 @@ _KNOWN_FORWARDS = (
     SyncBatchNorm.forward,
 )
 
-_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def _rebuilt(kind: type[_BatchNorm], module: _BatchNorm, **kwargs: object) -> _BatchNorm:
-    """A ``kind`` layer with ``module``'s configuration, sharing its Parameters and buffers."""
-    new = kind(
-        module.num_features,
-        eps=module.eps,
-        momentum=module.momentum,
-        affine=module.affine,
-        track_running_stats=module.track_running_stats,
-        device="meta",
-        bias=module.bias is not None or not module.affine,
-        **kwargs,
-    )
-    with torch.no_grad():
-        for name in _STATE:  # the same Parameter and buffer objects, not copies
-            setattr(new, name, getattr(module, name))
-    new.train(module.training)
-    if hasattr(module, "qconfig"):
-        new.qconfig = module.qconfig
-    return new
-
 
 def _convert(
     cls: type[SyncBatchNorm], module: nn.Module, process_group: dist.ProcessGroup | None, name: str
@@ -476,7 +454,7 @@ def _convert(
             )
         else:
             preset = getattr(module, "preset", "torch")
-            output = _rebuilt(
+            output = rebuilt_channel_norm(
                 cls, module, preset=preset, process_group=process_group, layer_name=name or None
             )
             if isinstance(module, SyncBatchNorm):
@@ -501,10 +479,10 @@ def _reverted(module: SyncBatchNorm | nn.SyncBatchNorm) -> _BatchNorm:
         (r for r, kind in _TORCH_BY_RANK.items() if source is not None and issubclass(source, kind)), None
     )
     if rank is None:
-        return _rebuilt(BatchNormXd, module, preset=preset)
+        return rebuilt_channel_norm(BatchNormXd, module, preset=preset)
     if source is _TORCH_BY_RANK[rank] and preset == "torch":
-        return _rebuilt(_TORCH_BY_RANK[rank], module)
-    return _rebuilt(_NORMKIT_BY_RANK[rank], module, preset=preset)
+        return rebuilt_channel_norm(_TORCH_BY_RANK[rank], module)
+    return rebuilt_channel_norm(_NORMKIT_BY_RANK[rank], module, preset=preset)
 
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
