@@ -79,7 +79,12 @@ KNOWN_DISTRIBUTIONS = {
     "torch": "normkit-torch",
     "tensorflow": "normkit-tensorflow",
     "cupy": "normkit-cupy",
+    "jax": "normkit-jax",
 }
+
+# Frameworks whose arrays are defined in another top-level module than the one users import:
+# a concrete JAX array is a ``jaxlib._jax.ArrayImpl``, but its backend is the one for ``jax``.
+FRAMEWORK_ALIASES = {"jaxlib": "jax"}
 
 
 def named_class(spec: str) -> type | None:
@@ -434,6 +439,7 @@ class _Registry:
 
     def _no_backend_message(self, cls: type) -> str:
         framework = cls.__module__.split(".")[0]
+        framework = FRAMEWORK_ALIASES.get(framework, framework)
         what = f"no normkit backend handles arrays of type {type_name(cls)}"
         entry = unclaimed_subclass(cls)
         if entry is not None:

@@ -190,8 +190,9 @@ class BackendInfo:
     :param full: ``full(shape, fill_value, dtype, like)`` creates an array filled with
         ``fill_value`` of the named dtype on the device of the backend array ``like``.
     :param astype: (version 2, optional) ``astype(array, dtype)``: the array converted to the
-        named dtype (``"float64"``, ``"int64"``, ``"bool"``), on its device, differentiable where
-        the framework is. normkit uses it to compose operations from the primitives and to merge
+        named dtype (``"float64"``, ``"int64"``, ``"bool"``; a backend without ``"int64"`` or
+        ``"float64"`` gives its widest integer or floating dtype), on its device, differentiable
+        where the framework is. normkit uses it to compose operations from the primitives and to merge
         moments; without it, arrays make a round trip through NumPy.
     """
 

@@ -140,8 +140,8 @@ def moments(
     :param mask: a boolean array (``True`` counts) with ``x``'s rank and, on each axis, ``x``'s
         size or 1.
     :param backend: force a backend by name.
-    :returns: :class:`Moments` with the kept axes' shape: ``count`` int64, ``mean`` and ``m2``
-        in the compute dtype (float32 for float16/bfloat16/float32 input).
+    :returns: :class:`Moments` with the kept axes' shape: ``count`` in an integer dtype (int64
+        where the backend has it; JAX without x64: int32), ``mean`` and ``m2`` in the compute dtype (float32 for float16/bfloat16/float32 input).
     """
     be = _backend(x, backend, 1, "moments")
     shape = _check_input(be, x, 1, "moments")
@@ -162,8 +162,8 @@ def merge_moments(*parts: Moments | tuple[Array, Array, Array]) -> Moments:
     arithmetic is (the merge is array arithmetic on the parts' backend and device).
 
     :param parts: :class:`Moments` (or ``(count, mean, m2)`` tuples) of one backend, with one shape.
-    :returns: the merged :class:`Moments`: ``count`` int64, ``mean`` and ``m2`` float64 (float32 on
-        a backend without float64).
+    :returns: the merged :class:`Moments`: ``count`` int64, ``mean`` and ``m2`` float64 (on a
+        backend without them, such as JAX without x64: its widest integer, and float32).
     :raises ValueError: for no parts, or parts of different shapes.
     """
     if not parts:
