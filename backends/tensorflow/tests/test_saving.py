@@ -1,14 +1,15 @@
-"""A ``.keras`` file with normkit's layers loads in a new process, and the layers refuse Keras's
-other backends with a clear error.
+"""``normkit_tensorflow``'s Keras layers are ``normkit_keras``'s (one class, one registration
+each), a ``.keras`` file saved with them loads in a new process after ``import
+normkit_tensorflow``, and normkit loading the TensorFlow plugin imports no more than it must.
 
-Each check runs in a fresh Python process: in the process that built a model the layers are
+The layers themselves are tested under every Keras backend in ``backends/keras/tests``. Each
+check here runs in a fresh Python process: in the process that built a model the layers are
 registered already, so a load there cannot show whether ``import normkit_tensorflow`` registers
-them (the doctest in docs/keras.md is such a load).
+them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,13 +17,25 @@ import sys
 import zipfile
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
-LAYERS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization")  # in the model's order
+import normkit_keras
+import normkit_tensorflow
+import normkit_tensorflow.layers
 
-# Process A: build a model with all three layers (non-default presets and options), fit it a
-# little, save it and its predictions on a fixed input.
+LAYERS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization")  # in the model's order
+ALL_LAYERS = (
+    "BatchNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "RMSNormalization",
+)
+
+# Process A: build a model with three layers through normkit_tensorflow's names (non-default
+# presets and options), fit it a little, save it and its predictions on a fixed input.
 SAVE = """
 import json, sys
 from pathlib import Path
@@ -65,37 +78,18 @@ from pathlib import Path
 
 import numpy as np
 
+FRAMEWORKS = ("torch", "jax", "cupy")
+before = {name for name in FRAMEWORKS if name in sys.modules}  # TensorFlow imports jax if it can
 directory = Path(sys.argv[1])
 model = keras.models.load_model(directory / "model.keras")
 predictions = model.predict(np.load(directory / "probe.npy"), verbose=0)
 np.save(directory / f"got-{sys.argv[2]}.npy", predictions)
 normkit_layers = [layer for layer in model.layers if type(layer).__module__.startswith("normkit")]
 print(json.dumps({
-    "classes": [f"{type(layer).__module__}.{type(layer).__name__}" for layer in normkit_layers],
+    "classes": [f"{type(layer).__module__.split('.')[0]}.{type(layer).__name__}" for layer in normkit_layers],
     "configs": [layer.get_config() for layer in normkit_layers],
-    "frameworks": [name for name in ("torch", "jax", "cupy") if name in sys.modules],
+    "frameworks": [name for name in FRAMEWORKS if name in sys.modules and name not in before],
 }))
-"""
-
-# Under another Keras backend: constructing each layer, and loading the file.
-OTHER_BACKEND = """
-import json, sys
-
-import keras
-import normkit_tensorflow as nt
-
-messages = {}
-for name in sys.argv[2].split(","):
-    try:
-        getattr(nt, name)()
-    except RuntimeError as error:
-        messages[name] = str(error)
-try:
-    keras.models.load_model(sys.argv[1])
-    load = None
-except Exception as error:
-    load = str(error)
-print(json.dumps({"backend": keras.backend.backend(), "messages": messages, "load": load}))
 """
 
 # normkit loading the plugin itself (after `import tensorflow`, for a normkit op on a tensor).
@@ -108,7 +102,9 @@ import normkit
 
 before = set(sys.modules)
 y, mean, var = normkit.batch_norm(tf.ones((4, 3)), tf.zeros(3), tf.ones(3), training=True)
-new = sorted({name.split(".")[0] for name in set(sys.modules) - before})
+# normkit loads the backends of the frameworks already imported (TensorFlow imports jax if it can)
+others = {f"normkit_{name}" for name in ("jax", "torch", "cupy") if name in before}
+new = sorted({name.split(".")[0] for name in set(sys.modules) - before} - others)
 keras = sys.modules.get("keras")
 registered = keras is not None and keras.saving.get_registered_object("normkit>BatchNormalization") is not None
 print(json.dumps({
@@ -117,6 +113,30 @@ print(json.dumps({
     "registered": registered,
     "y": y.numpy().tolist(),
 }))
+"""
+
+# normkit_keras missing (a broken installation: normkit-tensorflow depends on it).
+WITHOUT_NORMKIT_KERAS = """
+import json, sys
+
+
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name == "normkit_keras":
+            raise ModuleNotFoundError("No module named 'normkit_keras'", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Missing())
+import keras, tensorflow as tf, normkit, normkit_tensorflow
+
+y = normkit.layer_norm(tf.ones((2, 3)))  # the kernels need no Keras layers
+try:
+    normkit_tensorflow.BatchNormalization()
+    message = None
+except ImportError as error:
+    message = str(error)
+print(json.dumps({"message": message, "y": y.numpy().tolist()}))
 """
 
 
@@ -143,6 +163,15 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+def test_the_layers_are_normkit_keras_classes_registered_once() -> None:
+    for name in ALL_LAYERS:
+        cls = getattr(normkit_keras, name)
+        assert getattr(normkit_tensorflow, name) is cls
+        assert getattr(normkit_tensorflow.layers, name) is cls
+        assert keras.saving.get_registered_object(f"normkit>{name}") is cls
+    assert sorted(normkit_tensorflow.__all__) == sorted([*ALL_LAYERS, "__version__"])
+
+
 @pytest.mark.parametrize(
     "imports",
     ["import keras, normkit_tensorflow", "import normkit_tensorflow, keras"],
@@ -153,7 +182,7 @@ def test_a_saved_model_loads_in_a_new_process_after_importing_normkit_tensorflow
 ) -> None:
     tag = imports.split(",")[0].split()[-1]
     result = json.loads(run(f"{imports}\n{LOAD}", saved, tag, cwd=saved))
-    assert result["classes"] == [f"normkit_tensorflow.layers.{name}" for name in LAYERS]
+    assert result["classes"] == [f"normkit_keras.{name}" for name in LAYERS]
     assert result["configs"] == json.loads((saved / "configs.json").read_text())
     assert [config["preset"] for config in result["configs"]] == ["torch", "keras", "flax"]
     # Same weights and the same graph on the same machine: the same float32 bits.
@@ -163,51 +192,39 @@ def test_a_saved_model_loads_in_a_new_process_after_importing_normkit_tensorflow
 
 def test_the_registered_names_in_a_saved_file_do_not_change(saved: Path) -> None:
     """The names Keras looks the classes up by are in every saved file: changing them would stop
-    files saved by earlier versions from loading."""
+    files saved by earlier versions (whose ``module`` was ``normkit_tensorflow.layers``) from
+    loading."""
     with zipfile.ZipFile(saved / "model.keras") as archive:
         config = json.loads(archive.read("config.json"))
     ours = [
-        (layer["module"], layer["class_name"], layer["registered_name"])
+        (layer["module"].split(".")[0], layer["class_name"], layer["registered_name"])
         for layer in config["config"]["layers"]
         if layer["module"].startswith("normkit")
     ]
-    assert ours == [("normkit_tensorflow.layers", name, f"normkit>{name}") for name in LAYERS]
-
-
-@pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_another_keras_backend_is_refused_with_what_to_do(saved: Path, backend: str) -> None:
-    if importlib.util.find_spec(backend) is None:
-        pytest.skip(f"{backend} is not installed here, and Keras needs it for KERAS_BACKEND={backend}")
-    result = json.loads(
-        run(OTHER_BACKEND, saved / "model.keras", ",".join(LAYERS), cwd=saved, backend=backend)
-    )
-    assert result["backend"] == backend
-    assert set(result["messages"]) == set(LAYERS), "a layer was constructed under another backend"
-    for name, message in result["messages"].items():
-        assert f"normkit_tensorflow.{name} runs on Keras's TensorFlow backend only" in message
-        assert f"uses the {backend!r} backend (KERAS_BACKEND={backend!r})" in message
-        assert (
-            "Set the environment variable KERAS_BACKEND=tensorflow before keras is first imported" in message
-        )
-        assert "planned" in message
-    # Loading finds the registered class, which says why it cannot be built here (Keras wraps
-    # the error, with the message kept), rather than "Could not locate class".
-    assert result["load"] is not None
-    assert result["messages"]["BatchNormalization"] in result["load"]
+    assert ours == [("normkit_keras", name, f"normkit>{name}") for name in LAYERS]
 
 
 @pytest.mark.parametrize("legacy_keras", [False, True], ids=["keras3", "TF_USE_LEGACY_KERAS"])
-def test_normkit_loading_the_plugin_imports_no_more_than_the_package(
+def test_normkit_loading_the_plugin_imports_no_more_than_the_packages(
     tmp_path: Path, legacy_keras: bool
 ) -> None:
     """The entry point's module sits in this package, so its ``__init__`` runs on normkit's plugin
-    path too. TensorFlow 2.16+ imports Keras 3 itself, so the layers register for free; where
-    TensorFlow came without Keras 3 (``TF_USE_LEGACY_KERAS=1``), the package leaves Keras alone."""
+    path too. TensorFlow 2.16+ imports Keras 3 itself, so the layers register for the cost of
+    normkit_keras's modules; where TensorFlow came without Keras 3 (``TF_USE_LEGACY_KERAS=1``),
+    the package leaves Keras alone."""
     env = {"TF_USE_LEGACY_KERAS": "1"} if legacy_keras else {}
     result = json.loads(run(PLUGIN_PATH, cwd=tmp_path, **env))
     assert result["y"] == [[0.0] * 3] * 4
-    assert result["new"] == ["normkit", "normkit_tensorflow"]
     if legacy_keras:
+        assert result["new"] == ["normkit", "normkit_tensorflow"]
         assert not result["keras_imported"]
     else:
+        assert result["new"] == ["normkit", "normkit_keras", "normkit_tensorflow"]
         assert result["keras_imported"] and result["registered"]
+
+
+def test_without_normkit_keras_the_kernels_work_and_the_layers_say_what_to_install(tmp_path: Path) -> None:
+    result = json.loads(run(WITHOUT_NORMKIT_KERAS, cwd=tmp_path))
+    assert result["y"] == [[0.0] * 3] * 2
+    assert result["message"] is not None
+    assert "normkit_keras" in result["message"] and "pip install normkit-keras" in result["message"]

@@ -4,7 +4,8 @@ gradients through ``tf.GradientTape``.
 Installing ``normkit-tensorflow`` is enough for ``normkit.batch_norm(tensor, ...)`` and the
 ``normkit.BatchNorm`` layers to accept ``tf.Tensor`` and ``tf.Variable`` input: normkit finds
 this backend through the ``normkit.backends`` entry point once ``tensorflow`` is imported.
-Import this package for the Keras 3 layers (see :mod:`normkit_tensorflow.layers`):
+Its Keras 3 layers are ``normkit_keras``'s (``normkit-keras``, a dependency, runs them on every
+Keras backend), under their old names too (see :mod:`normkit_tensorflow.layers`):
 
 >>> import keras, normkit_tensorflow
 >>> layer = normkit_tensorflow.BatchNormalization(preset="torch")   # unbiased moving variance
@@ -45,8 +46,8 @@ _LAYERS = (
 
 
 def __getattr__(name: str) -> Any:
-    """The Keras layers, from :mod:`normkit_tensorflow.layers` (imported here if
-    :func:`_register_keras_layers` left it for later)."""
+    """The Keras layers, :mod:`normkit_keras`'s, through :mod:`normkit_tensorflow.layers`
+    (imported here if :func:`_register_keras_layers` left it for later)."""
     if name in _LAYERS:
         from normkit_tensorflow import layers
 
@@ -59,13 +60,16 @@ def __dir__() -> list[str]:
 
 
 def _importable(name: str) -> bool:
-    return name in sys.modules or importlib.util.find_spec(name) is not None
+    try:
+        return name in sys.modules or importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a finder that refuses it, or a module without a spec
+        return False
 
 
 def _register_keras_layers() -> None:
-    """Import :mod:`normkit_tensorflow.layers`, whose classes register themselves with Keras
-    (``keras.saving.register_keras_serializable``): ``keras.models.load_model`` finds a custom
-    layer only by that registration.
+    """Import :mod:`normkit_tensorflow.layers`, which imports :mod:`normkit_keras`, whose classes
+    register themselves with Keras (``keras.saving.register_keras_serializable``):
+    ``keras.models.load_model`` finds a custom layer only by that registration.
 
     This module is also imported by normkit itself, as the parent of the plugin
     (``normkit_tensorflow.plugin``) that it loads once ``tensorflow`` is imported, for
@@ -76,11 +80,12 @@ def _register_keras_layers() -> None:
     is not (``TF_USE_LEGACY_KERAS=1``, where ``tf.keras`` is ``tf_keras``): the layers then
     register on first use (``normkit_tensorflow.BatchNormalization``), as before.
 
-    Without TensorFlow or Keras installed this package imports as before (its layers need both).
+    Without TensorFlow, Keras or normkit-keras installed this package imports as before, and
+    registers nothing (the first use of a layer says what is missing).
     A failure here must not take normkit's TensorFlow kernels down with it (they need no Keras):
     it is a warning, and the same error is raised again by the first use of a layer.
     """
-    if not (_importable("keras") and _importable("tensorflow")):
+    if not (_importable("keras") and _importable("tensorflow") and _importable("normkit_keras")):
         return
     if "tensorflow" in sys.modules and "keras" not in sys.modules:
         return

@@ -1,0 +1,137 @@
+r"""``InstanceNormalization``: new in Keras (it has none), with Keras's conventions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+import normkit
+from normkit import presets
+from normkit_keras._base import PACKAGE, PresetOptions, check_epsilon, keras_momentum, value
+
+__all__ = ["InstanceNormalization"]
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class InstanceNormalization(PresetOptions, keras.layers.Layer):
+    r"""Instance normalization for Keras: each sample's channels normalized over its spatial
+    axes, :math:`y = \gamma_c (x - \mu_{n,c})/\sqrt{\sigma^2_{n,c} + \epsilon} + \beta_c`, with
+    per-channel γ and β; optionally moving statistics for inference
+    (``track_running_stats=True``, PyTorch's option), updated like batch norm's in training
+    (:math:`r \leftarrow m\,r + (1 - m)\,b`, the mean over the batch of the instances'
+    statistics) and used when ``training`` is false or the layer is frozen.
+
+    :param axis: the channel axis (default -1, channels-last).
+    :param momentum: Keras's convention (weight of the old value); default the preset's.
+    :param epsilon: default the preset's (1e-3 for keras).
+    """
+
+    def __init__(
+        self,
+        axis: int = -1,
+        epsilon: float | None = None,
+        center: bool = True,
+        scale: bool = True,
+        track_running_stats: bool = False,
+        momentum: float | None = None,
+        beta_initializer: Any = "zeros",
+        gamma_initializer: Any = "ones",
+        beta_regularizer: Any = None,
+        gamma_regularizer: Any = None,
+        beta_constraint: Any = None,
+        gamma_constraint: Any = None,
+        preset: str = "keras",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        p = presets.get_preset(preset)
+        self._set_preset(p)
+        self.axis = int(axis)
+        self.epsilon = check_epsilon(epsilon, p.instance_norm_eps)
+        self.center, self.scale = center, scale
+        self.track_running_stats = track_running_stats
+        self.momentum = keras_momentum(momentum, p)
+        self.beta_initializer = keras.initializers.get(beta_initializer)
+        self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+        self.beta_constraint = keras.constraints.get(beta_constraint)
+        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        self.gamma = self.beta = self.moving_mean = self.moving_variance = None
+
+    def build(self, input_shape: Any) -> None:
+        if len(input_shape) < 3:
+            raise ValueError(
+                f"input_shape={tuple(input_shape)}: instance normalization needs (batch, *spatial, "
+                f"channels) with at least one spatial axis"
+            )
+        axis = self.axis % len(input_shape)
+        if axis == 0:
+            raise ValueError("axis=0 is the batch axis; instance normalization needs a channel axis")
+        shape = (input_shape[axis],)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape, name="gamma", initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint, autocast=False,
+            )  # fmt: skip
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape, name="beta", initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer, constraint=self.beta_constraint, autocast=False,
+            )  # fmt: skip
+        if self.track_running_stats:
+            self.moving_mean = self.add_weight(
+                shape=shape, name="moving_mean", initializer="zeros", trainable=False, autocast=False
+            )
+            self.moving_variance = self.add_weight(
+                shape=shape, name="moving_variance", initializer="ones", trainable=False, autocast=False
+            )
+        self.input_spec = keras.layers.InputSpec(ndim=len(input_shape), axes={axis: input_shape[axis]})
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        rank = len(inputs.shape)
+        axis = self.axis % rank
+        use_input_stats = (bool(training) and self.trainable) or not self.track_running_stats
+        if use_input_stats:
+            self._check_values_per_group(inputs, [a for a in range(1, rank) if a != axis])
+        y, mean, var = normkit.instance_norm(
+            inputs,
+            value(self.moving_mean),
+            value(self.moving_variance),
+            value(self.gamma),
+            value(self.beta),
+            use_input_stats=use_input_stats,
+            momentum=self.momentum,
+            momentum_weights="running",
+            eps=self.epsilon,
+            axis=axis,
+            running_var_estimator=self.running_var_estimator,
+            allow_single_value=True,  # checked above, in the layer's words
+            preset=self.preset,
+        )
+        if use_input_stats and self.track_running_stats:
+            self.moving_mean.assign(mean)
+            self.moving_variance.assign(var)
+        return self._output(y)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "axis": self.axis,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "track_running_stats": self.track_running_stats,
+            "momentum": self.momentum,
+            "beta_initializer": keras.initializers.serialize(self.beta_initializer),
+            "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
+            "beta_regularizer": keras.regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": keras.regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": keras.constraints.serialize(self.beta_constraint),
+            "gamma_constraint": keras.constraints.serialize(self.gamma_constraint),
+            "preset": self.preset,
+        }
