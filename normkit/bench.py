@@ -37,6 +37,7 @@ floor target is for.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import statistics
@@ -354,7 +355,9 @@ def _run_jobs(
             mine, natives = baselines.build_modules(backend, workload, mode, x)
             variants = {backend: mine}
         else:
-            op = baselines.compiled(framework, _normkit_op(workload, mode, backend, params))
+            op = baselines.compiled(
+                framework, functools.partial(_normkit_op, workload, mode, backend), params
+            )
             into = None
             if workload.with_out and backend == "numpy":
                 into = _normkit_op(workload, mode, backend, params, out=np.empty_like(x_np))

@@ -1,7 +1,7 @@
 """What ``normkit bench`` measures each backend against: the frameworks' own ops (the
 *natives*), the bandwidth floor in each framework, and how a framework runs a function at its
-best (TensorFlow: inside ``tf.function``). Frameworks are imported only when a backend that
-needs them is benchmarked.
+best (TensorFlow: inside ``tf.function``; JAX: under ``jax.jit``, waiting for the result).
+Frameworks are imported only when a backend that needs them is benchmarked.
 
 =============  ============================================  ==========================================
 backend        natives (same data, same layout)              floor
@@ -16,6 +16,9 @@ tensorflow     ``keras``: ``keras.layers.*Normalization``;   ``tf.raw_ops.DeepCo
                ``tf.function``
 cupy           ``torch``: PyTorch's CUDA op on the same      ``cupy.copyto`` into a preallocated
                memory (DLPack), when PyTorch has CUDA        array; every call synchronized
+jax            ``flax``, ``flax-fast``: ``flax.linen``'s     a jitted ``jnp.copy`` (XLA allocates
+               layers with ``use_fast_variance=False`` and   every output); every call waits for
+               ``True``, applied under ``jax.jit``           its result
 =============  ============================================  ==========================================
 
 Channels-last data is given to PyTorch as a ``channels_last`` tensor (a logical ``(N, C, H, W)``
@@ -66,7 +69,7 @@ instance and group norm; RMS norm gets it explicitly too, for every implementati
 
 def framework_of(name: str) -> str:
     """The framework a backend or a native belongs to (``keras`` and ``tf.nn`` are TensorFlow's)."""
-    return {"keras": "tensorflow", "tf.nn": "tensorflow"}.get(name, name)
+    return {"keras": "tensorflow", "tf.nn": "tensorflow", "flax": "jax", "flax-fast": "jax"}.get(name, name)
 
 
 def build_natives(
@@ -198,6 +201,53 @@ def _tf_nn_group_norm(workload: Workload, x: Any) -> Callable[[], Any]:
     return lambda: call(x)
 
 
+def _flax(workload: Workload, mode: str, x: Any, fast: bool) -> Callable[[], Any]:
+    """Flax's own ``flax.linen`` layer, ``apply``-ed under ``jax.jit`` (training: with
+    ``mutable=["batch_stats"]``, so the updated statistics are computed as in a train step), with
+    ``use_fast_variance=fast``: Flax's default ``True`` is :math:`E[x^2] - E[x]^2` (inaccurate far
+    from zero; the bench measures speed, not accuracy), ``False`` the two-pass variance normkit
+    computes. Flax's group norm needs the channels last, and its instance norm keeps no running
+    statistics (no eval row); RMS norm has no fast variant (it computes no variance)."""
+    import flax.linen as nn
+    import jax
+
+    axis = workload.axis % len(workload.shape)
+    common = {"epsilon": EPS, "use_fast_variance": fast, "dtype": workload.dtype, "param_dtype": "float32"}
+    training = mode == "train"
+    if workload.op == "layer_norm":
+        module = nn.LayerNorm(**common)
+    elif workload.op == "rms_norm":
+        if fast:
+            raise _Unavailable("flax.linen.RMSNorm computes no variance: no fast variant")
+        module = nn.RMSNorm(**common)
+    elif workload.op == "group_norm":
+        if axis != len(workload.shape) - 1:
+            raise _Unavailable("flax.linen.GroupNorm needs the channels last")
+        module = nn.GroupNorm(num_groups=workload.num_groups, **common)
+    elif workload.op == "instance_norm":
+        if not training:
+            raise _Unavailable("flax.linen.InstanceNorm keeps no running statistics")
+        module = nn.InstanceNorm(feature_axes=axis, **common)
+    else:
+        module = nn.BatchNorm(use_running_average=not training, axis=axis, momentum=0.9, **common)
+    variables = module.init(jax.random.key(0), x)
+    if workload.op == "batch_norm" and training:
+        call = jax.jit(lambda v, t: module.apply(v, t, mutable=["batch_stats"]))
+    else:
+        call = jax.jit(module.apply)
+    return lambda: jax.block_until_ready(call(variables, x))
+
+
+def _flax_two_pass(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
+    """Flax's layer with ``use_fast_variance=False`` (see :func:`_flax`)."""
+    return _flax(workload, mode, x, fast=False)
+
+
+def _flax_fast(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
+    """Flax's layer with its default ``use_fast_variance=True`` (see :func:`_flax`)."""
+    return _flax(workload, mode, x, fast=True)
+
+
 def _torch_cuda(workload: Workload, mode: str, x: Any) -> Callable[[], Any]:
     """PyTorch's op on the same GPU memory (shared through DLPack), synchronized like normkit's."""
     import torch
@@ -327,6 +377,7 @@ _NATIVES: dict[str, dict[str, Builder]] = {
     "torch": {"torch": _torch},
     "tensorflow": {"keras": _keras, "tf.nn": _tf_nn},
     "cupy": {"torch": _torch_cuda},
+    "jax": {"flax": _flax_two_pass, "flax-fast": _flax_fast},
 }
 
 
@@ -341,13 +392,24 @@ def natives_for(backend: str) -> dict[str, Builder]:
     }
 
 
-def compiled(framework: str, function: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``function`` as the framework runs it at its best: TensorFlow traces it into a graph
-    (normkit's validation runs once, while tracing); the others call it as it is."""
+def compiled(
+    framework: str, make: Callable[[dict[str, Any]], Callable[[Any], Any]], params: dict[str, Any]
+) -> Callable[[Any], Any]:
+    """The op ``make(params)`` as the framework runs it at its best, as a function of the input:
+    TensorFlow traces it into a graph (normkit's validation runs once, while tracing); JAX traces
+    and compiles it with ``jax.jit``, with ``params`` (weights, running statistics) as arguments,
+    as Flax's variables are, not as constants XLA could fold, and waits for the result; CuPy
+    waits for its kernels; the others call it as it is."""
     if framework == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(function)
+        return tf.function(make(params))
+    if framework == "jax":
+        import jax
+
+        jitted = jax.jit(lambda x, p: make(p)(x))
+        return lambda x: jax.block_until_ready(jitted(x, params))
+    function = make(params)
     if framework == "cupy":  # kernels launch asynchronously: time them to completion
         import cupy
 
@@ -371,6 +433,12 @@ def floor(framework: str, x: Any) -> Callable[[], Any]:
 
         copy = tf.function(lambda t: tf.raw_ops.DeepCopy(x=t))
         return lambda: copy(x)
+    if framework == "jax":  # XLA allocates every output: a jitted copy into a new buffer
+        import jax
+        import jax.numpy as jnp
+
+        copy = jax.jit(lambda t: jnp.copy(t))
+        return lambda: jax.block_until_ready(copy(x))
     if framework == "cupy":
         import cupy
 
@@ -423,6 +491,12 @@ def settings(framework: str) -> dict[str, Any]:
         import torch
 
         return {"torch_threads": torch.get_num_threads()}
+    if framework == "jax":
+        import os
+
+        import jax
+
+        return {"jax_platform": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if framework == "tensorflow":
         import tensorflow as tf
 

@@ -9,7 +9,7 @@ import pytest
 from normkit.check import available_backends, run_check
 from normkit.testing.tolerances import assert_within, output_tolerance
 
-FIRST_PARTY = ("numpy", "torch", "tensorflow")
+FIRST_PARTY = ("numpy", "torch", "tensorflow", "jax")
 
 
 def test_every_installed_backend_passes_and_every_pair_agrees() -> None:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -26,16 +27,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-import normkit
 from normkit import bench, reference
 from normkit import bench_baselines as baselines
+from normkit.check import available_backends
 from normkit.testing.tolerances import EPS, assert_within, centering_gain, output_tolerance
 
 pytest.importorskip("normkit_torch")
 pytest.importorskip("normkit_tensorflow")
 
-import normkit_tensorflow
-import normkit_torch
+
+BACKENDS = ["numpy", "torch", "tensorflow"] + (["jax"] if "jax" in available_backends() else [])
+"""The backends whose rows are checked: the JAX backend too where normkit-jax is installed."""
 
 NEW_OPS = ("group_norm", "rms_norm")
 
@@ -90,7 +92,12 @@ def test_the_new_workloads_are_issue_12s() -> None:
 
 # --- which code each timed callable runs --------------------------------------------------------
 
-_ROOTS = tuple(str(Path(m.__file__).parent) + os.sep for m in (normkit, normkit_torch, normkit_tensorflow))
+_PACKAGES = ("normkit", "normkit_torch", "normkit_tensorflow", "normkit_keras", "normkit_jax")
+_ROOTS = tuple(
+    str(Path(spec.origin).parent) + os.sep
+    for spec in map(importlib.util.find_spec, _PACKAGES)
+    if spec is not None and spec.origin is not None
+)
 _BENCH_FILES = {str(Path(bench.__file__)), str(Path(baselines.__file__))}
 
 
@@ -140,22 +147,24 @@ def _labelled_timing(monkeypatch: pytest.MonkeyPatch, running: list[str]) -> lis
     return labels
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch", "tensorflow"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_natives_run_no_normkit_code_and_normkit_rows_do(
     backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     running, made = ["(none)"], set()
     labels = _labelled_timing(monkeypatch, running)
-    workloads = tuple(w for w in TINY_OLD + TINY_NEW if not w.module or backend != "numpy")
+    workloads = tuple(w for w in TINY_OLD + TINY_NEW if not w.module or baselines.has_modules(backend))
     with _normkit_calls(running, made):
         results = bench.run_bench([backend], workloads, rounds=2)
     assert {r.workload for r in results} == {w.name for w in workloads}  # every module workload ran
-    assert all(r.native is not None for r in results)
-    assert len(labels) == len({(r.workload, r.mode) for r in results})
-    for job, job_labels in enumerate(labels):
+    by_name = {w.name: w for w in workloads}
+    jobs = list(dict.fromkeys((r.workload, r.mode) for r in results))
+    assert len(labels) == len(jobs)
+    for job, (job_labels, (name, mode)) in enumerate(zip(labels, jobs, strict=True)):
         natives = [label for label in job_labels if label.startswith(bench.NATIVE)]
         mine = [label for label in job_labels if label.startswith(bench.NORMKIT)]
-        assert natives and bench.NORMKIT + backend in mine
+        assert bench.NORMKIT + backend in mine
+        assert natives or not _has_native(backend, by_name[name], mode), f"job {job}: no native"
         assert not made.intersection(f"{job}/{label}" for label in natives), (
             f"job {job}: a native ran normkit's code"
         )
@@ -167,6 +176,16 @@ def test_natives_run_no_normkit_code_and_normkit_rows_do(
     }
 
 
+def _has_native(backend: str, workload: bench.Workload, mode: str) -> bool:
+    """Whether the workload has a native on the backend: every one has, but on JAX Flax's group
+    norm needs the channels last and its instance norm has no eval with running statistics."""
+    if backend != "jax":
+        return True
+    if workload.op == "instance_norm":
+        return mode == "train"
+    return bool(_natives_of(backend, workload)) if workload.op == "group_norm" else True
+
+
 # --- what each timed callable computes ----------------------------------------------------------
 
 
@@ -175,7 +194,7 @@ def _array(y: Any) -> np.ndarray:
     if hasattr(y, "detach"):
         y = y.detach().cpu()
     if not isinstance(y, np.ndarray):
-        y = y.numpy()  # torch.Tensor, tf.Tensor
+        y = y.numpy() if hasattr(y, "numpy") else np.asarray(y)  # torch.Tensor, tf.Tensor; jax.Array
     return np.array(y, dtype=np.float64)
 
 
@@ -223,7 +242,17 @@ def _check_output(workload: bench.Workload, backend: str, label: str, y: Any) ->
     )
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch", "tensorflow"])
+def _natives_of(backend: str, workload: bench.Workload) -> list[str]:
+    """The natives a functional workload is timed against: Flax's group norm needs the channels
+    last, and its RMS norm has no fast variant."""
+    if backend != "jax":
+        return {"numpy": ["torch"], "torch": ["torch"], "tensorflow": ["keras", "tf.nn"]}[backend]
+    if workload.op == "rms_norm":
+        return ["flax"]
+    return ["flax", "flax-fast"] if workload.axis % len(workload.shape) == len(workload.shape) - 1 else []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_every_implementation_timed_on_the_new_workloads_computes_the_op(
     backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,21 +269,21 @@ def test_every_implementation_timed_on_the_new_workloads_computes_the_op(
 
     monkeypatch.setattr(bench, "_time_interleaved", spy)
     for workload in TINY_NEW:
-        if workload.module and backend == "numpy":
+        if workload.module and not baselines.has_modules(backend):
             continue
         current.append(workload)
         results = bench.run_bench([backend], (workload,), rounds=2)
         assert results and {r.workload for r in results} == {workload.name}
-    natives = {"numpy": ["torch"], "torch": ["torch"], "tensorflow": ["keras", "tf.nn"]}[backend]
     mine = {"numpy": ["numpy", "numpy-out", "numpy-pure"]}.get(backend, [backend])
     for workload in TINY_NEW:
         if workload.module:
             expected = (
                 []
-                if backend == "numpy"
+                if not baselines.has_modules(backend)
                 else [bench.NORMKIT + backend, bench.NATIVE + ("torch.nn" if backend == "torch" else "keras")]
             )
         else:
+            natives = _natives_of(backend, workload)
             expected = [bench.NORMKIT + m for m in mine] + [bench.NATIVE + n for n in natives]
         assert sorted(label for name, label in checked if name == workload.name) == sorted(expected)
 

@@ -6,11 +6,13 @@ a setting narrower than the host: it must change what the framework reports or e
 
 Set by the environment: ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's CPU kernels),
 ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN, inside TensorFlow and PyTorch), ``NPY_DISABLE_CPU_FEATURES``
-naming NumPy's AVX-512 dispatch targets, ``NUMBA_CPU_NAME=haswell`` with ``NUMBA_CPU_FEATURES`` empty (numba's code generation).
+naming NumPy's AVX-512 dispatch targets, ``NUMBA_CPU_NAME=haswell`` with ``NUMBA_CPU_FEATURES`` empty (numba's code generation),
+``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` (XLA's CPU compiler, under JAX).
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -114,3 +116,28 @@ def test_onednn_obeys_a_narrower_isa() -> None:
     )
     output = _python(code, ONEDNN_VERBOSE="1", ONEDNN_MAX_CPU_ISA="SSE41")
     assert any(",isa:" in line and "SSE4.1" in line for line in output.splitlines()), output[-2000:]
+
+
+_XLA_VECTORS = (
+    "import os, pathlib, re, tempfile\n"
+    "dump = tempfile.mkdtemp()\n"
+    "os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_dump_to=' + dump).strip()\n"
+    "import jax, jax.numpy as jnp\n"
+    "f = jax.jit(lambda x: (x - x.mean(0)) * jax.lax.rsqrt(x.var(0) + 1e-5))\n"
+    "f(jnp.ones((256, 512), jnp.float32)).block_until_ready()\n"
+    "ir = ''.join(p.read_text() for p in pathlib.Path(dump).glob('*ir-with-opt.ll'))\n"
+    "print(sorted({int(n) for n in re.findall(r'<(\\d+) x float>', ir)}))\n"
+)
+"""Prints the float vector widths (in lanes) of the LLVM IR XLA's CPU compiler emits for a jitted
+normalization."""
+
+
+def test_xla_emits_no_512_bit_vectors_and_obeys_a_narrower_isa() -> None:
+    """XLA's CPU compiler (JAX) honours ``--xla_cpu_max_isa``: at most 8 float lanes (256 bits,
+    AVX2) here, and at most 4 (SSE4.2) when asked for less than this CPU has."""
+    pytest.importorskip("jax")
+    assert "--xla_cpu_max_isa=AVX2" in os.environ.get("XLA_FLAGS", "")
+    widths = ast.literal_eval(_python(_XLA_VECTORS))
+    assert widths and max(widths) <= 8, widths
+    narrower = ast.literal_eval(_python(_XLA_VECTORS, XLA_FLAGS="--xla_cpu_max_isa=SSE4_2"))
+    assert narrower and max(narrower) <= 4, narrower
