@@ -5,6 +5,8 @@
   NumPy; ``normkit check`` uses it);
 * :class:`ConformanceTests`: the pytest base class a backend subclasses in a few lines (needs
   the ``testing`` extra: pytest and hypothesis);
+* :func:`wrapped_backend`: a backend's kernels wrapped by a transformation (``jax.jit``,
+  ``tf.function``) as a plugin of their own, for the suite to check the transformed kernels;
 * ``normkit.testing.plugin``: the opt-in pytest plugin (options, xfail files).
 
 ``import normkit`` never imports this package.
@@ -14,8 +16,9 @@ from typing import Any
 
 from normkit.testing.cases import CASES, Case, get_case
 from normkit.testing.runner import CaseResult, run_case
+from normkit.testing.wrapped import wrapped_backend
 
-__all__ = ["CASES", "Case", "CaseResult", "ConformanceTests", "get_case", "run_case"]
+__all__ = ["CASES", "Case", "CaseResult", "ConformanceTests", "get_case", "run_case", "wrapped_backend"]
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from normkit import reference
 from normkit.testing import tolerances
 from normkit_jax import linen as nkl
+from normkit_jax.flax_cases import offset_data
 
 F32 = "float32"
 KEY = jax.random.key(0)
@@ -204,29 +205,67 @@ def test_output_dtype_is_flaxs(name: str, input_dtype: Any, dtype: Any, expected
     agree(y, y_flax, jnp.dtype(expected).name, case_gain(name, x64, reduced, None, ours.epsilon), f"{name} y")
 
 
-def test_mean_1e4_std_1_in_float32() -> None:
-    """At |mean|/std = 1e4: the stored variance and the output std within 1e-3 relative of the
-    float64 reference; ``flax.linen``'s default (``use_fast_variance=True``) misses both."""
-    x = jnp.asarray((1e4 + np.random.default_rng(5).standard_normal((256, 4))).astype(np.float32))
-    _, _, var = statistics(np.asarray(x), (0,))
-    expected_std = np.sqrt(var / (var + 1e-5)).reshape(-1)
-    results = {}
-    for label, layer in (("ours", nkl.BatchNorm(momentum=0.0)), ("flax", nn.BatchNorm(momentum=0.0))):
-        variables = layer.init(KEY, x, use_running_average=True)
-        y, updates = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
-        stored = np.asarray(updates["batch_stats"]["var"], np.float64)
-        results[label] = (
-            np.abs(stored / var.reshape(-1) - 1).max(),
-            np.abs(np.asarray(y, np.float64).std(axis=0) / expected_std - 1).max(),
-        )
-    assert max(results["ours"]) <= 1e-3
-    assert min(results["flax"]) > 1e-3, results["flax"]
-    y = nkl.LayerNorm().apply({"params": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}}, x)
-    y_flax = nn.LayerNorm().apply({"params": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}}, x)
-    _, _, row_var = statistics(np.asarray(x), (1,))
-    row_std = np.sqrt(row_var / (row_var + 1e-6)).reshape(-1)
-    assert np.abs(np.asarray(y, np.float64).std(axis=1) / row_std - 1).max() <= 1e-3
-    assert np.abs(np.asarray(y_flax, np.float64).std(axis=1) / row_std - 1).max() > 1e-3
+# (name, attributes, input shape, the groups' shape, the axes of one group in it)
+OFFSET_CASES = [
+    ("BatchNorm", {"momentum": 0.0}, (256, 4), (256, 4), (0,)),
+    ("LayerNorm", {}, (4, 256), (4, 256), (1,)),
+    ("GroupNorm", {"num_groups": 2}, (2, 8, 8, 8), (2, 8, 8, 2, 4), (1, 2, 4)),
+    ("InstanceNorm", {}, (2, 16, 16, 4), (2, 16, 16, 4), (1, 2)),
+]
+
+
+def train_once(layer: nn.Module, x: jax.Array, name: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """``init`` then one training ``apply`` (``mutable=['batch_stats']``): ``(y, batch_stats)``."""
+    mode = {"use_running_average": False} if name == "BatchNorm" else {}
+    variables = layer.init(KEY, x, **mode)
+    y, updates = layer.apply(variables, x, mutable=["batch_stats"], **mode)
+    return np.asarray(y, np.float64), updates.get("batch_stats", {})
+
+
+@pytest.mark.parametrize(("name", "attributes", "shape", "group_shape", "reduced"), OFFSET_CASES)
+def test_mean_1e4_std_1_in_float32(
+    name: str,
+    attributes: dict[str, Any],
+    shape: tuple[int, ...],
+    group_shape: tuple[int, ...],
+    reduced: tuple[int, ...],
+) -> None:
+    """At |mean|/std = 1e4 in float32 (the data of ``test_nnx`` and ``bench/flax_statistics.py``):
+    each group's output std (and batch norm's stored variance) within 1e-3 relative of the
+    float64 reference, and the output within the derived output tolerance;
+    ``flax.linen``'s default (``use_fast_variance=True``) misses both."""
+    x = offset_data(shape)
+    ours, flax_default = getattr(nkl, name)(**attributes), getattr(nn, name)(**attributes)
+    _, mean, var = statistics(x.reshape(group_shape), reduced)
+    expected = ((x.reshape(group_shape) - mean) / np.sqrt(var + ours.epsilon)).reshape(shape)
+    expected_std = expected.reshape(group_shape).std(axis=reduced)
+    bound = tolerances.output_tolerance(
+        F32, centering_gain=tolerances.centering_gain(mean, var, ours.epsilon)
+    ).bound(expected, 0.0)
+    y, stats = train_once(ours, jnp.asarray(x), name)
+    y_flax, flax_stats = train_once(flax_default, jnp.asarray(x), name)
+    assert np.abs(y.reshape(group_shape).std(axis=reduced) / expected_std - 1).max() <= 1e-3
+    tolerances.assert_within(np.abs(y - expected), bound, f"{name} y at mean 1e4")
+    flax_relative = np.abs(y_flax.reshape(group_shape).std(axis=reduced) / expected_std - 1)
+    assert flax_relative.max() > 1e-3, flax_relative
+    assert (np.abs(y_flax - expected) > bound).any()
+    if name == "BatchNorm":  # momentum 0: the stored variance is the batch variance
+        var_flat = var.reshape(-1)
+        assert np.abs(np.asarray(stats["var"], np.float64) / var_flat - 1).max() <= 1e-3
+        assert np.abs(np.asarray(flax_stats["var"], np.float64) / var_flat - 1).max() > 1e-3
+
+
+def test_rms_norm_at_mean_1e4_subtracts_no_mean() -> None:
+    """RMSNorm at |mean|/std = 1e4: no mean is subtracted, so nothing cancels and
+    ``use_fast_variance`` changes nothing; this layer and Flax's default are both within the
+    output tolerance of the float64 reference (``x / sqrt(mean(x^2) + eps)``)."""
+    x = offset_data((4, 256))
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt(np.mean(x64**2, axis=-1, keepdims=True) + 1e-6)
+    bound = tolerances.output_tolerance(F32).bound(expected, 0.0)
+    for label, layer in (("normkit", nkl.RMSNorm()), ("flax", nn.RMSNorm())):
+        y, _ = train_once(layer, jnp.asarray(x), "RMSNorm")
+        tolerances.assert_within(np.abs(y - expected), bound, f"{label} RMSNorm y at mean 1e4")
 
 
 def test_keyword_only_where_flaxs_first_field_is_epsilon() -> None:
@@ -270,3 +309,47 @@ def test_partitioned_initializers_keep_their_metadata() -> None:
     init = nn.with_partitioning(nn.initializers.ones, ("model",))
     variables = nkl.LayerNorm(scale_init=init).init(KEY, jnp.ones((2, 4)))
     assert isinstance(variables["params"]["scale"], meta.Partitioned)
+
+
+@pytest.mark.parametrize(
+    ("layer", "error", "match"),
+    [
+        (
+            nkl.GroupNorm(num_groups=None, group_size="2"),
+            TypeError,
+            "group_size='2': expected a positive int, got str",
+        ),
+        (nkl.GroupNorm(num_groups=2.0), TypeError, r"num_groups=2\.0: expected a positive int, got float"),
+        (nkl.GroupNorm(num_groups=None, group_size=0), ValueError, "group_size=0: expected a positive int"),
+        (
+            nkl.GroupNorm(num_groups=3),
+            ValueError,
+            r"num_groups=3 does not divide the 4 channels of x with shape \(2, 4\)",
+        ),
+        (nkl.GroupNorm(num_groups=2, group_size=2), ValueError, "give exactly one of them"),
+        (
+            nkl.BatchNorm(use_running_average=False, axis=1.5),
+            TypeError,
+            r"axis=1\.5: expected an int or a sequence of ints, got float",
+        ),
+        (
+            nkl.BatchNorm(use_running_average=False, axis=(0, 1)),
+            ValueError,
+            r"axis=\(0, 1\): BatchNorm takes one channel axis",
+        ),
+        (
+            nkl.LayerNorm(reduction_axes=(0.5,)),
+            TypeError,
+            r"reduction_axes=\(0\.5,\): expected an int or a sequence of ints, got float",
+        ),
+        (
+            nkl.RMSNorm(feature_axes=2),
+            ValueError,
+            "feature_axes=2: axis 2 is out of range for an input with 2 dimensions",
+        ),
+    ],
+)
+def test_bad_attributes_name_the_argument(layer: nn.Module, error: type, match: str) -> None:
+    """A bad attribute is an error at ``init`` that names it, what it got and what was expected."""
+    with pytest.raises(error, match=match):
+        layer.init(KEY, jnp.ones((2, 4)))

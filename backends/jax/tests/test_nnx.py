@@ -20,11 +20,11 @@ import optax
 import pytest
 from flax import nnx
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from normkit import reference
 from normkit.testing import tolerances
 from normkit_jax import nnx as nk
+from normkit_jax.flax_cases import CHANNELS, EMPTY_DEVICE_ROWS, device_data, device_mesh, nnx_under_shard_map
 
 F32 = "float32"
 
@@ -408,7 +408,8 @@ def test_modes() -> None:
     ``nnx.view``; a layer with no mode anywhere is an error that says how to give one."""
     x = jnp.asarray(np.random.default_rng(11).normal(3.0, 2.0, (16, 3)), jnp.float32)
     layer = nk.BatchNorm(3, use_running_average=True, rngs=nnx.Rngs(0))
-    np.testing.assert_array_equal(layer(x), x / np.sqrt(np.float32(1 + 1e-5)))
+    expected = np.asarray(x, np.float64) / np.sqrt(1 + 1e-5)  # the initial statistics: mean 0, var 1
+    assert_agree(layer(x), expected, tolerances.output_tolerance(F32).bound(expected, 0.0), "eval y")
     assert (layer.mean[...] == 0).all()
     layer(x, use_running_average=False)
     assert (layer.mean[...] != 0).all()
@@ -470,12 +471,10 @@ def test_plain_jax_jit_loses_the_update_as_flaxs_does() -> None:
 
 @pytest.fixture(scope="module")
 def mesh() -> Mesh:
-    devices = jax.devices()
-    if len(devices) < 4:
-        pytest.fail(
-            "needs 4 JAX devices: conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=4"
-        )
-    return Mesh(np.array(devices[:4]), ("d",))
+    try:
+        return device_mesh("d")
+    except RuntimeError as error:  # too few devices: a failure, not a skip
+        pytest.fail(f"{error} (conftest.py sets it)")
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -484,23 +483,10 @@ def test_axis_name_under_shard_map_is_the_concatenated_batch(mesh: Mesh, momentu
     with nothing counted): every device's output and the running statistics are those of the
     concatenated unmasked data in float64 (Flax's own are a mean of means: ``test_collectives``);
     the empty channel keeps its running statistics."""
-    rng = np.random.default_rng(13)
-    device = np.repeat(np.arange(4), 8)[:, None]
-    x = (3.0 * device + (1.0 + device) * rng.standard_normal((32, 5))).astype(np.float32)
-    rows = np.concatenate([np.arange(8) < c for c in (2, 8, 0, 5)])[:, None]
-    mask = rows & (rng.random(x.shape) > 0.2)
+    x, mask = device_data(EMPTY_DEVICE_ROWS, seed=13)
     mask[:, 4] = False  # a channel with nothing counted anywhere keeps its running statistics
-    layer = nk.BatchNorm(5, momentum=momentum, axis_name="d", rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(layer)
-
-    def per_device(state: nnx.State, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, nnx.State]:
-        module = nnx.merge(graphdef, state)
-        return module(x, mask=mask), nnx.state(module)
-
-    run = jax.jit(
-        jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("d"), P("d")), out_specs=(P("d"), P()))
-    )
-    y, new_state = run(state, jnp.asarray(x), jnp.asarray(mask))
+    layer = nk.BatchNorm(CHANNELS, momentum=momentum, axis_name="d", rngs=nnx.Rngs(0))
+    y, new_state = nnx_under_shard_map(layer, mesh)(x, mask)
     count, mean, var = statistics(x, (0,), mask)
     expected = (x - mean) / np.sqrt(var + 1e-5)  # mean 0, var 0 where nothing counted
     bound = tolerances.output_tolerance(F32, centering_gain=gain(mean, var, 1e-5)).bound(expected, 0.0)
@@ -563,30 +549,93 @@ def test_instance_norm_running_statistics() -> None:
     assert_agree(layer(jnp.asarray(x)), expected, bound, "eval y")
 
 
+def snapshot(layer: nnx.Module) -> list[tuple[Any, np.ndarray]]:
+    """Every variable of ``layer`` (path, value), copied."""
+    return [(path, np.array(v[...])) for path, v in nnx.to_flat_state(nnx.state(layer)) if v[...] is not None]
+
+
 def test_errors_name_the_argument_and_change_nothing() -> None:
+    """Each bad call names the argument, what it got and what was expected, and leaves the
+    layer's variables as they were (a layer whose statistics have already moved)."""
+    rng = np.random.default_rng(16)
+    layer = nk.BatchNorm(3, momentum=0.5, scale_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(0))
+    layer(jnp.asarray(rng.normal(2.0, 3.0, (8, 3)), jnp.float32))
+    before = snapshot(layer)
+    assert not np.allclose(layer.mean[...], 0.0) and not np.allclose(layer.var[...], 1.0)
     x = jnp.ones((4, 3))
-    layer = nk.BatchNorm(3, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="mask has dtype int32; expected bool"):
         layer(x, mask=jnp.ones((4, 3), jnp.int32))
     with pytest.raises(ValueError, match=r"mask has shape \(1, 2\)"):
         layer(x, mask=jnp.ones((1, 2), bool))
     with pytest.raises(ValueError, match="num_features=3"):
         layer(jnp.ones((4, 5)))
+    layer.axis = 1.5
+    with pytest.raises(TypeError, match=r"axis=1\.5: expected an int or a sequence of ints, got float"):
+        layer(x)
+    layer.axis = -1
+    layer.axis_name = "batch"  # not bound outside jax.shard_map / pmap / vmap(axis_name=...)
     with pytest.raises(ValueError, match="axis_name='batch' is not bound"):
-        nk.BatchNorm(3, axis_name="batch", rngs=nnx.Rngs(0))(x)
-    np.testing.assert_array_equal(layer.mean[...], np.zeros(3))
-    np.testing.assert_array_equal(layer.var[...], np.ones(3))
-    with pytest.raises(ValueError, match="epsilon=0"):
-        nk.LayerNorm(3, epsilon=0, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"momentum=1\.5"):
-        nk.BatchNorm(3, momentum=1.5, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="num_groups=4 does not divide num_features=6"):
-        nk.GroupNorm(6, num_groups=4, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="give exactly one of them"):
-        nk.GroupNorm(6, num_groups=None, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="leading dimension"):
-        nk.InstanceNorm(3, feature_axes=0, rngs=nnx.Rngs(0))(jnp.ones((3, 4, 3)))
-    with pytest.raises(ValueError, match="leaves no axis to reduce"):
-        nk.InstanceNorm(3, rngs=nnx.Rngs(0))(jnp.ones((4, 3)))
-    with pytest.raises(ValueError, match="must include the final dimension"):
-        nk.GroupNorm(6, num_groups=2, reduction_axes=(1,), rngs=nnx.Rngs(0))(jnp.ones((2, 3, 6)))
+        layer(x)
+    after = snapshot(layer)
+    assert [path for path, _ in after] == [path for path, _ in before]
+    for (path, got), (_, expected) in zip(after, before, strict=True):
+        np.testing.assert_array_equal(got, expected, err_msg=str(path))
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: nk.LayerNorm(3, epsilon=0, rngs=nnx.Rngs(0)), ValueError, "epsilon=0"),
+        (lambda: nk.BatchNorm(3, momentum=1.5, rngs=nnx.Rngs(0)), ValueError, r"momentum=1\.5"),
+        (
+            lambda: nk.BatchNorm(3.0, rngs=nnx.Rngs(0)),
+            TypeError,
+            r"num_features=3\.0: expected a positive int, got float",
+        ),
+        (lambda: nk.RMSNorm(0, rngs=nnx.Rngs(0)), ValueError, "num_features=0: expected a positive int"),
+        (
+            lambda: nk.GroupNorm(6, num_groups=4, rngs=nnx.Rngs(0)),
+            ValueError,
+            "num_groups=4 does not divide num_features=6",
+        ),
+        (
+            lambda: nk.GroupNorm(6, num_groups=2.0, rngs=nnx.Rngs(0)),
+            TypeError,
+            r"num_groups=2\.0: expected a positive int, got float",
+        ),
+        (
+            lambda: nk.GroupNorm(6, num_groups=None, group_size="3", rngs=nnx.Rngs(0)),
+            TypeError,
+            "group_size='3': expected a positive int, got str",
+        ),
+        (lambda: nk.GroupNorm(6, num_groups=None, rngs=nnx.Rngs(0)), ValueError, "give exactly one of them"),
+        (
+            lambda: nk.InstanceNorm(3, feature_axes=0, rngs=nnx.Rngs(0))(jnp.ones((3, 4, 3))),
+            ValueError,
+            "leading dimension",
+        ),
+        (
+            lambda: nk.InstanceNorm(3, rngs=nnx.Rngs(0))(jnp.ones((4, 3))),
+            ValueError,
+            "leaves no axis to reduce",
+        ),
+        (
+            lambda: nk.GroupNorm(6, num_groups=2, reduction_axes=(1,), rngs=nnx.Rngs(0))(jnp.ones((2, 3, 6))),
+            ValueError,
+            "must include the final dimension",
+        ),
+        (
+            lambda: nk.LayerNorm(4, reduction_axes=("a",), rngs=nnx.Rngs(0))(jnp.ones((2, 4))),
+            TypeError,
+            r"reduction_axes=\('a',\): expected an int or a sequence of ints, got str",
+        ),
+        (
+            lambda: nk.GroupNorm(6, num_groups=2, rngs=nnx.Rngs(0))(jnp.ones(6)),
+            ValueError,
+            r"x has shape \(6,\); GroupNorm expects at least 2 dimensions",
+        ),
+    ],
+)
+def test_bad_arguments_name_the_argument(build: Any, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        build()

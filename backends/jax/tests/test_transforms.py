@@ -570,8 +570,9 @@ DEVICES = 4
 
 def _mesh(axis_type: AxisType = AxisType.Explicit) -> jax.sharding.Mesh:
     if len(jax.devices("cpu")) < DEVICES:
-        pytest.skip(
-            f"needs {DEVICES} CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES}"
+        pytest.fail(
+            f"{len(jax.devices('cpu'))} CPU device(s): these tests need {DEVICES}; XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={DEVICES} must be set before jax is imported (conftest.py)"
         )
     return jax.make_mesh((DEVICES,), ("batch",), axis_types=(axis_type,))
 

@@ -12,8 +12,8 @@ returns ``y`` in that dtype. The statistics of a group of values :math:`x_i` wit
    \sigma^2 = \frac1n \sum_i m_i (x_i - \mu)^2, \quad
    y = \gamma\,\frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta ,
 
-merged across devices exactly (:func:`normkit_jax.collectives.moments_across`) under an
-``axis_name``. A group with nothing counted (:math:`n = 0`) normalizes with :math:`\mu = 0`,
+merged across devices exactly (:func:`normkit_jax.collectives.global_moments`: a two-pass
+across devices) under an ``axis_name``. A group with nothing counted (:math:`n = 0`) normalizes with :math:`\mu = 0`,
 :math:`\sigma^2 = 0` and moves no running statistic (Flax gives NaN).
 
 Without a mask or an ``axis_name`` each layer is one fused normkit op (``batch_norm``,
@@ -32,14 +32,17 @@ import jax.numpy as jnp
 from jax import lax
 
 import normkit
-from normkit_jax.collectives import moments_across
+from normkit_jax.collectives import global_moments
 
 __all__ = [
     "batch_norm",
     "canonical_axes",
+    "channel_axis",
     "check_epsilon",
     "check_mask",
     "check_momentum",
+    "check_positive_int",
+    "group_count",
     "group_norm",
     "instance_axes",
     "instance_norm",
@@ -54,10 +57,15 @@ PRESET = "flax"  # decay momentum, biased running variance, one value per channe
 
 def canonical_axes(ndim: int, axes: Axes, name: str) -> tuple[int, ...]:
     """``axes`` as sorted, unique, non-negative axes of an input with ``ndim`` dimensions
-    (Flax's ``_canonicalize_axes``, with an error naming ``name`` for an axis out of range)."""
-    raw = tuple(axes) if isinstance(axes, Iterable) else (axes,)
+    (Flax's ``_canonicalize_axes``, with errors naming ``name`` for an axis that is not an int or
+    is out of range)."""
+    raw = tuple(axes) if isinstance(axes, Iterable) and not isinstance(axes, str) else (axes,)
     result = set()
     for axis in raw:
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(
+                f"{name}={axes!r}: expected an int or a sequence of ints, got {type(axis).__name__} {axis!r}"
+            )
         index = int(axis)
         if not -ndim <= index < ndim:
             raise ValueError(
@@ -65,6 +73,44 @@ def canonical_axes(ndim: int, axes: Axes, name: str) -> tuple[int, ...]:
             )
         result.add(index % ndim)
     return tuple(sorted(result))
+
+
+def channel_axis(x: Array, axis: object, layer: str) -> int:
+    """The one channel axis ``axis`` of ``x`` (non-negative), for a layer (``layer``) that
+    normalizes per channel over a batch: ``x`` needs at least 2 dimensions."""
+    if x.ndim < 2:
+        raise ValueError(
+            f"x has shape {x.shape}; {layer} expects at least 2 dimensions (batch, ..., channels)"
+        )
+    axes = canonical_axes(x.ndim, axis, "axis")  # type: ignore[arg-type]
+    if len(axes) != 1:
+        raise ValueError(f"axis={axis!r}: {layer} takes one channel axis")
+    return axes[0]
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """``value`` as an int >= 1 (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r}: expected a positive int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive int")
+    return int(value)
+
+
+def group_count(num_groups: object, group_size: object, channels: int, channels_are: str) -> int:
+    """The number of groups of Flax's GroupNorm, from ``num_groups`` or ``group_size`` (exactly
+    one of them not ``None``), which must divide the ``channels`` (described as
+    ``channels_are`` in errors: ``"num_features=6"``)."""
+    if (num_groups is None) == (group_size is None):
+        raise ValueError(
+            f"num_groups={num_groups!r}, group_size={group_size!r}: give exactly one of them (pass "
+            f"num_groups=None to use group_size; num_groups defaults to 32)"
+        )
+    name, value = ("num_groups", num_groups) if group_size is None else ("group_size", group_size)
+    count = check_positive_int(value, name)
+    if channels % count:
+        raise ValueError(f"{name}={count} does not divide {channels_are}")
+    return count if name == "num_groups" else channels // count
 
 
 def check_epsilon(epsilon: object) -> float:
@@ -122,10 +168,9 @@ def _statistics(
     axis_index_groups: Any,
 ) -> normkit.Moments:
     """The moments of ``x`` over ``reduced`` (masked), merged over ``axis_name`` when given."""
-    local = normkit.moments(x, axes=reduced, mask=mask)
     if axis_name is None:
-        return local
-    return moments_across(local, axis_name, axis_index_groups)
+        return normkit.moments(x, axes=reduced, mask=mask)
+    return global_moments(x, reduced, axis_name, mask=mask, axis_index_groups=axis_index_groups)
 
 
 def _biased_var(stats: normkit.Moments) -> Array:
@@ -285,23 +330,15 @@ def group_norm(
     """Flax's GroupNorm: channels last, in ``num_groups`` contiguous blocks; statistics per
     block over ``reduction_axes`` (default every axis but the first, which must include the
     last); per-channel ``scale`` and ``bias``."""
-    if x.ndim < 2:
-        raise ValueError(
-            f"x has shape {x.shape}; GroupNorm expects at least 2 dimensions (batch, ..., channels)"
-        )
+    last = channel_axis(x, -1, "GroupNorm")
     axes = tuple(range(1, x.ndim)) if reduction_axes is None else reduction_axes
     reduced = canonical_axes(x.ndim, axes, "reduction_axes")
-    last = x.ndim - 1
     if last not in reduced:
         raise ValueError(
             f"reduction_axes={reduction_axes!r} must include the final dimension, the feature axis "
             f"(axis {last} of x with shape {x.shape})"
         )
-    channels = x.shape[-1]
-    if channels % num_groups:
-        raise ValueError(
-            f"num_groups={num_groups} does not divide the {channels} channels of x with shape {x.shape}"
-        )
+    channels = x.shape[-1]  # num_groups divides it (the layers check)
     if mask is None and axis_name is None and reduced == tuple(range(1, x.ndim)):
         return normkit.group_norm(x, num_groups, scale, bias, eps=epsilon, axis=last, preset=PRESET)
     size = channels // num_groups

@@ -145,8 +145,7 @@ def _centred(x: Array, axes: tuple[int, ...], cdt: Any) -> tuple[Array, Array]:
 
     :math:`\mu` is rounded once, and ``c`` is computed from ``x`` and :math:`\mu` rather than as
     :math:`(x - s) - \bar d`: XLA then fuses ``x - s`` into the first reduction and writes one
-    centred temporary, as for the plain two-pass (the other order writes two, about a third
-    slower on the CPU), at the cost of the rounding of :math:`\mu`, :math:`\epsilon_c|\mu|/2`
+    centred temporary, as for the plain two-pass (the other order writes two), at the cost of the rounding of :math:`\mu`, :math:`\epsilon_c|\mu|/2`
     in every ``c`` (within the spec's allowance for the subtracted mean)."""
     xc = x.astype(cdt)
     s = _shift(xc, axes)
@@ -296,10 +295,10 @@ def moments(
     .. math::
 
        n = \sum_i m_i, \quad \mu = s + \bar d, \quad \bar d = \frac1n\sum_i m_i (x_i - s), \qquad
-       M_2 = \sum_i m_i (x_i - s - \bar d)^2 ,
+       M_2 = \sum_i m_i (x_i - \mu)^2 ,
 
     with ``s`` the group's first value (with a mask: where it counts, else 0, the plain
-    two-pass). ``count`` is int64 with ``jax_enable_x64`` and int32 without (JAX has no int64
+    two-pass) and :math:`\mu` rounded once before :math:`x_i - \mu` (see :func:`_centred`). ``count`` is int64 with ``jax_enable_x64`` and int32 without (JAX has no int64
     then); ``mean`` and ``m2`` are in the compute dtype; :math:`n = 0` gives ``(0, 0, 0)``."""
     cdt = _compute_dtype(x)
     axes = tuple(axes)

@@ -89,14 +89,7 @@ class BatchNorm(nn.Module):
         )
         epsilon, momentum = _flax.check_epsilon(self.epsilon), _flax.check_momentum(self.momentum)
         x = jnp.asarray(x)
-        if x.ndim < 2:
-            raise ValueError(
-                f"x has shape {x.shape}; BatchNorm expects at least 2 dimensions (batch, ..., features)"
-            )
-        axes = _flax.canonical_axes(x.ndim, self.axis, "axis")
-        if len(axes) != 1:
-            raise ValueError(f"axis={self.axis!r}: BatchNorm takes one feature axis")
-        (axis,) = axes
+        axis = _flax.channel_axis(x, self.axis, "BatchNorm")
         shape = (x.shape[axis],)
         stat_dtype = _stat_dtype(self.force_float32_reductions, self.param_dtype)
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stat_dtype), shape)
@@ -141,19 +134,7 @@ class LayerNorm(nn.Module, kw_only=True):
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalize ``x`` over ``reduction_axes``; ``mask`` selects the values that count."""
-        epsilon = _flax.check_epsilon(self.epsilon)
-        x = jnp.asarray(x)
-        features = _flax.canonical_axes(x.ndim, self.feature_axes, "feature_axes")
-        shape = tuple(x.shape[a] for a in features)
-        scale = self.param("scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
-        bias = self.param("bias", self.bias_init, shape, self.param_dtype) if self.use_bias else None
-        x, out_dtype = _inputs(x, self.dtype, scale, bias)
-        y = _flax.layer_norm(
-            x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=features, epsilon=epsilon,
-            mask=_flax.check_mask(mask, x.shape, cast=True), axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-        )  # fmt: skip
-        return y.astype(out_dtype)
+        return _over_axes(self, x, mask, use_mean=True)
 
 
 class RMSNorm(nn.Module, kw_only=True):
@@ -176,18 +157,28 @@ class RMSNorm(nn.Module, kw_only=True):
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """RMS-normalize ``x`` over ``reduction_axes``; ``mask`` selects the values that count."""
-        epsilon = _flax.check_epsilon(self.epsilon)
-        x = jnp.asarray(x)
-        features = _flax.canonical_axes(x.ndim, self.feature_axes, "feature_axes")
-        shape = tuple(x.shape[a] for a in features)
-        scale = self.param("scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
-        x, out_dtype = _inputs(x, self.dtype, scale)
-        y = _flax.layer_norm(
-            x, scale, None, reduction_axes=self.reduction_axes, feature_axes=features, epsilon=epsilon,
-            mask=_flax.check_mask(mask, x.shape, cast=True), axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, use_mean=False,
-        )  # fmt: skip
-        return y.astype(out_dtype)
+        return _over_axes(self, x, mask, use_mean=False)
+
+
+def _over_axes(module: LayerNorm | RMSNorm, x: Array, mask: Array | None, *, use_mean: bool) -> Array:
+    r"""The body of :class:`LayerNorm` (``use_mean``) and :class:`RMSNorm`, called from their
+    compact ``__call__``: ``scale`` (and LayerNorm's ``bias``) shaped as ``feature_axes``, the
+    statistics over ``reduction_axes`` (:func:`normkit_jax._flax.layer_norm`)."""
+    epsilon = _flax.check_epsilon(module.epsilon)
+    x = jnp.asarray(x)
+    features = _flax.canonical_axes(x.ndim, module.feature_axes, "feature_axes")
+    shape = tuple(x.shape[a] for a in features)
+    scale = module.param("scale", module.scale_init, shape, module.param_dtype) if module.use_scale else None
+    bias = None
+    if use_mean and module.use_bias:
+        bias = module.param("bias", module.bias_init, shape, module.param_dtype)  # type: ignore[union-attr]
+    x, out_dtype = _inputs(x, module.dtype, scale, bias)
+    y = _flax.layer_norm(
+        x, scale, bias, reduction_axes=module.reduction_axes, feature_axes=features, epsilon=epsilon,
+        mask=_flax.check_mask(mask, x.shape, cast=True), axis_name=module.axis_name,
+        axis_index_groups=module.axis_index_groups, use_mean=use_mean,
+    )  # fmt: skip
+    return y.astype(out_dtype)
 
 
 class GroupNorm(nn.Module):
@@ -217,24 +208,10 @@ class GroupNorm(nn.Module):
         """Group-normalize ``x`` (channels last); ``mask`` selects the values that count."""
         epsilon = _flax.check_epsilon(self.epsilon)
         x = jnp.asarray(x)
-        if x.ndim < 2:
-            raise ValueError(
-                f"x has shape {x.shape}; GroupNorm expects at least 2 dimensions (batch, ..., channels)"
-            )
-        channels = x.shape[-1]
-        if (self.num_groups is None) == (self.group_size is None):
-            raise ValueError(
-                f"num_groups={self.num_groups!r}, group_size={self.group_size!r}: give exactly one of them "
-                f"(pass num_groups=None to use group_size; num_groups defaults to 32)"
-            )
-        if self.group_size is not None:
-            if self.group_size < 1 or channels % self.group_size:
-                raise ValueError(f"group_size={self.group_size} does not divide the {channels} channels of x")
-            num_groups = channels // self.group_size
-        else:
-            num_groups = int(self.num_groups)  # type: ignore[arg-type]
-            if num_groups < 1 or channels % num_groups:
-                raise ValueError(f"num_groups={num_groups} does not divide the {channels} channels of x")
+        channels = x.shape[_flax.channel_axis(x, -1, "GroupNorm")]
+        num_groups = _flax.group_count(
+            self.num_groups, self.group_size, channels, f"the {channels} channels of x with shape {x.shape}"
+        )
         scale = (
             self.param("scale", self.scale_init, (channels,), self.param_dtype) if self.use_scale else None
         )

@@ -9,14 +9,15 @@ swaps ``nnx.BatchNorm`` for ``normkit_jax.nnx.BatchNorm`` and keeps its checkpoi
 
 * **The variance is always two-pass**, :math:`\sigma^2 = \frac1n\sum(x-\mu)^2` in at least float32:
   Flax's default ``use_fast_variance=True`` computes :math:`E[x^2]-E[x]^2`, which loses every digit
-  when :math:`|\mu| \gg \sigma` (at mean 1e4, std 1 in float32 it gives variances of 0 and 8).
+  when :math:`|\mu| \gg \sigma` (at mean 1e4, std 1 in float32 it stores variances of 0 and 32 for
+  true ones near 1: ``bench/results/cpu-flax-statistics.json``).
   ``use_fast_variance`` is accepted, for signature compatibility, and ignored: whatever its value
   the result is what the fast formula approximates, so code written for Flax runs unchanged and
   only loses a fused reduction.
-* **``axis_name`` merges exactly**: the moments of the devices' parts are merged by
-  :func:`normkit_jax.collectives.moments_across` (sums of counts, of count × mean and of
-  squared deviations), correct with masks and unequal per-device counts; Flax averages the
-  devices' masked means (a mean of means, google/flax#2417).
+* **``axis_name`` merges exactly**: the statistics of every device's unmasked values, by
+  :func:`normkit_jax.collectives.global_moments` (sums of counts and of count × mean, then of
+  the squared deviations from the global mean), correct with masks and unequal per-device
+  counts; Flax averages the devices' masked means (a mean of means, google/flax#2417).
 * **A group with nothing unmasked** keeps its running statistics and normalizes with mean 0 and
   variance 0 (:math:`y = \gamma x/\sqrt\epsilon + \beta`); Flax stores and returns NaN.
 * Errors name the argument: a non-boolean mask, a feature count that differs from
@@ -30,7 +31,6 @@ default, as Flax has none), so that a PyTorch model converts with identical eval
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Hashable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -57,12 +57,6 @@ _NO_MODE = (
 )
 
 
-def _check_features(num_features: object) -> int:
-    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
-        raise ValueError(f"num_features={num_features!r}: expected a positive int")
-    return int(num_features)
-
-
 def _param(
     use: bool,
     init: Initializer,
@@ -72,6 +66,47 @@ def _param(
     metadata: Mapping[str, Any],
 ) -> Any:
     return nnx.Param(init(rngs.params(), shape, dtype), **metadata) if use else nnx.data(None)
+
+
+def _set_up(
+    layer: nnx.Module,
+    num_features: object,
+    *,
+    epsilon: object,
+    dtype: Dtype | None,
+    param_dtype: Dtype,
+    use_scale: bool,
+    scale_init: Initializer,
+    scale_metadata: Mapping[str, Any],
+    use_bias: bool | None,
+    bias_init: Initializer | None,
+    bias_metadata: Mapping[str, Any] | None,
+    axis_name: Hashable | None,
+    axis_index_groups: Any,
+    promote_dtype: PromoteDtypeFn,
+    rngs: nnx.Rngs,
+) -> int:
+    """The constructor arguments every layer shares, checked and stored on ``layer`` as Flax's
+    layers store them: ``scale`` and ``bias`` (``use_bias=None``: the layer has no bias, as
+    RMSNorm) of ``num_features`` elements, and ``use_fast_variance = False`` (always two-pass,
+    whatever was asked). Returns ``num_features``."""
+    num_features = _flax.check_positive_int(num_features, "num_features")
+    shape = (num_features,)
+    layer.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+    if use_bias is not None:
+        assert bias_init is not None and bias_metadata is not None
+        layer.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+        layer.use_bias = use_bias
+    layer.num_features = num_features
+    layer.epsilon = _flax.check_epsilon(epsilon)
+    layer.dtype = dtype
+    layer.param_dtype = param_dtype
+    layer.use_scale = use_scale
+    layer.axis_name = axis_name
+    layer.axis_index_groups = axis_index_groups
+    layer.use_fast_variance = False
+    layer.promote_dtype = promote_dtype
+    return num_features
 
 
 def _value(variable: Any) -> Array | None:
@@ -127,25 +162,17 @@ class BatchNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     ) -> None:
-        num_features = _check_features(num_features)
-        shape = (num_features,)
-        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
-        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
-        self.num_features = num_features
+        self.momentum = _flax.check_momentum(momentum)
+        num_features = _set_up(
+            self, num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_scale=use_scale,
+            scale_init=scale_init, scale_metadata=scale_metadata, use_bias=use_bias, bias_init=bias_init,
+            bias_metadata=bias_metadata, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            promote_dtype=promote_dtype, rngs=rngs,
+        )  # fmt: skip
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
         self.use_running_average = use_running_average
         self.axis = axis
-        self.momentum = _flax.check_momentum(momentum)
-        self.epsilon = _flax.check_epsilon(epsilon)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = False  # always two-pass, whatever was asked
-        self.promote_dtype = promote_dtype
 
     def __call__(
         self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
@@ -162,14 +189,7 @@ class BatchNorm(nnx.Module):
             use_running_average, self.use_running_average, error_msg=_NO_MODE.format(layer="BatchNorm")
         )
         x = jnp.asarray(x)
-        if x.ndim < 2:
-            raise ValueError(
-                f"x has shape {x.shape}; BatchNorm expects at least 2 dimensions (batch, ..., features)"
-            )
-        axes = _flax.canonical_axes(x.ndim, self.axis, "axis")
-        if len(axes) != 1:
-            raise ValueError(f"axis={self.axis!r}: BatchNorm takes one feature axis")
-        (axis,) = axes
+        axis = _flax.channel_axis(x, self.axis, "BatchNorm")
         _check_feature_count("BatchNorm", self.num_features, x, (axis,), "feature axis")
         mask = _flax.check_mask(mask, x.shape, cast=False)
         x, mean, var, scale, bias = self.promote_dtype(
@@ -229,22 +249,14 @@ class LayerNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     ) -> None:
-        num_features = _check_features(num_features)
-        shape = (num_features,)
-        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
-        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
-        self.num_features = num_features
-        self.epsilon = _flax.check_epsilon(epsilon)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
+        _set_up(
+            self, num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_scale=use_scale,
+            scale_init=scale_init, scale_metadata=scale_metadata, use_bias=use_bias, bias_init=bias_init,
+            bias_metadata=bias_metadata, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            promote_dtype=promote_dtype, rngs=rngs,
+        )  # fmt: skip
         self.reduction_axes = reduction_axes
         self.feature_axes = feature_axes
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = False
-        self.promote_dtype = promote_dtype
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalize ``x`` over ``reduction_axes``; ``mask`` (boolean, broadcastable to ``x``)
@@ -287,19 +299,14 @@ class RMSNorm(nnx.Module):
         rngs: nnx.Rngs,
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     ) -> None:
-        num_features = _check_features(num_features)
-        self.scale = _param(use_scale, scale_init, rngs, (num_features,), param_dtype, scale_metadata)
-        self.num_features = num_features
-        self.epsilon = _flax.check_epsilon(epsilon)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_scale = use_scale
+        _set_up(
+            self, num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_scale=use_scale,
+            scale_init=scale_init, scale_metadata=scale_metadata, use_bias=None, bias_init=None,
+            bias_metadata=None, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            promote_dtype=promote_dtype, rngs=rngs,
+        )  # fmt: skip
         self.reduction_axes = reduction_axes
         self.feature_axes = feature_axes
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = False
-        self.promote_dtype = promote_dtype
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         """RMS-normalize ``x`` over ``reduction_axes``; ``mask`` as for :class:`LayerNorm`."""
@@ -349,49 +356,23 @@ class GroupNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     ) -> None:
-        num_features = _check_features(num_features)
+        features = _flax.check_positive_int(num_features, "num_features")
+        self.num_groups = _flax.group_count(num_groups, group_size, features, f"num_features={features}")
+        self.group_size = features // self.num_groups
         self.feature_axis = -1
-        if (num_groups is None) == (group_size is None):
-            raise ValueError(
-                f"num_groups={num_groups!r}, group_size={group_size!r}: give exactly one of them (pass "
-                f"num_groups=None to use group_size; num_groups defaults to 32)"
-            )
-        if group_size is not None:
-            if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
-                raise ValueError(f"group_size={group_size!r}: expected a positive int")
-            if num_features % group_size:
-                raise ValueError(f"group_size={group_size} does not divide num_features={num_features}")
-            num_groups = num_features // int(group_size)
-        elif isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
-            raise ValueError(f"num_groups={num_groups!r}: expected a positive int")
-        elif num_features % num_groups:
-            raise ValueError(f"num_groups={num_groups} does not divide num_features={num_features}")
-        assert num_groups is not None
-        self.num_groups = int(num_groups)
-        self.group_size = num_features // self.num_groups
-        shape = (num_features,)
-        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
-        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
-        self.num_features = num_features
-        self.epsilon = _flax.check_epsilon(epsilon)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
+        _set_up(
+            self, features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_scale=use_scale,
+            scale_init=scale_init, scale_metadata=scale_metadata, use_bias=use_bias, bias_init=bias_init,
+            bias_metadata=bias_metadata, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            promote_dtype=promote_dtype, rngs=rngs,
+        )  # fmt: skip
         self.reduction_axes = reduction_axes
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = False
-        self.promote_dtype = promote_dtype
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Group-normalize ``x`` (channels last); ``mask`` as for :class:`LayerNorm`."""
         x = jnp.asarray(x)
-        if x.ndim < 2:
-            raise ValueError(
-                f"x has shape {x.shape}; GroupNorm expects at least 2 dimensions (batch, ..., channels)"
-            )
-        _check_feature_count("GroupNorm", self.num_features, x, (x.ndim - 1,), "channel axis")
+        channels = _flax.channel_axis(x, -1, "GroupNorm")
+        _check_feature_count("GroupNorm", self.num_features, x, (channels,), "channel axis")
         mask = _flax.check_mask(mask, x.shape, cast=False)
         x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
         return _flax.group_norm(
@@ -437,27 +418,19 @@ class InstanceNorm(nnx.Module):
         use_running_average: bool | None = False,
         momentum: float = 0.99,
     ) -> None:
-        num_features = _check_features(num_features)
-        shape = (num_features,)
-        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
-        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+        self.momentum = _flax.check_momentum(momentum)
+        num_features = _set_up(
+            self, num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_scale=use_scale,
+            scale_init=scale_init, scale_metadata=scale_metadata, use_bias=use_bias, bias_init=bias_init,
+            bias_metadata=bias_metadata, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            promote_dtype=promote_dtype, rngs=rngs,
+        )  # fmt: skip
         if track_running_stats:
-            self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
-            self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-        self.num_features = num_features
-        self.epsilon = _flax.check_epsilon(epsilon)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
+            self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+            self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
         self.feature_axes = feature_axes
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = False
-        self.promote_dtype = promote_dtype
         self.track_running_stats = bool(track_running_stats)
         self.use_running_average = use_running_average
-        self.momentum = _flax.check_momentum(momentum)
 
     def __call__(
         self, x: Array, *, mask: Array | None = None, use_running_average: bool | None = None

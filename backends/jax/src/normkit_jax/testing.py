@@ -5,8 +5,9 @@ checks eager execution. Every hook is compiled: the composites and the primitive
 traced arguments; flags, axes and group counts are static (each distinct value compiles once).
 
 A kernel under ``jit`` returns new arrays, but the spec wants the running statistics it was
-given back when it does not update them (eval, or ``use_input_stats=False``): the Python
-wrapper around the compiled kernel returns them, as a user's own wrapper would.
+given back when it does not update them (eval, or ``use_input_stats=False``): the hooks that
+:func:`normkit.testing.wrapped_backend` builds around the compiled kernels return them, as a
+user's own wrapper would.
 
 >>> import jax.numpy as jnp, normkit
 >>> from normkit_jax.testing import register_jit_backend
@@ -20,88 +21,55 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 
 import normkit
+from normkit.testing import wrapped_backend
 from normkit_jax import kernels, plugin
 
-__all__ = ["JIT_BACKEND", "enable_x64", "jit_plugin", "refresh_backends", "register_jit_backend"]
+__all__ = [
+    "JIT_BACKEND",
+    "STATIC_ARGUMENTS",
+    "enable_x64",
+    "jit_plugin",
+    "refresh_backends",
+    "register_jit_backend",
+]
 
 JIT_BACKEND = "jax-jit"
 """The name the compiled kernels are registered under."""
 
-Array = Any
+
+STATIC_ARGUMENTS = {
+    "batch_norm": ("training", "axis", "unbiased_running_var"),
+    "instance_norm": ("use_input_stats", "axis", "unbiased_running_var"),
+    "layer_norm": ("axes",),
+    "moments": ("axes", "group_axis", "num_groups"),
+    "normalize": ("axes", "param_axes"),
+    "group_norm": ("num_groups", "axis"),
+    "rms_norm": ("axes", "cast_before_weight"),
+}
+"""Each kernel's arguments that ``jax.jit`` takes as static (Python values fixed while tracing)."""
+
+
+def _compiled(op: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` under :func:`jax.jit` with the op's static arguments; axes given as lists are
+    passed as tuples (static arguments must be hashable)."""
+    compiled = jax.jit(kernel, static_argnames=STATIC_ARGUMENTS[op])
+
+    def run(*args: Any) -> Any:
+        return compiled(*(tuple(a) if isinstance(a, list) else a for a in args))
+
+    return run
 
 
 def jit_plugin(name: str = JIT_BACKEND) -> types.ModuleType:
     """A plugin module whose hooks run the kernels of :mod:`normkit_jax.kernels` under
-    :func:`jax.jit`, described as backend ``name``."""
-    batch_norm = jax.jit(kernels.batch_norm, static_argnames=("training", "axis", "unbiased_running_var"))
-    instance_norm = jax.jit(
-        kernels.instance_norm, static_argnames=("use_input_stats", "axis", "unbiased_running_var")
-    )
-    layer_norm = jax.jit(kernels.layer_norm, static_argnames=("axes",))
-    moments = jax.jit(kernels.moments, static_argnames=("axes", "group_axis", "num_groups"))
-    normalize = jax.jit(kernels.normalize, static_argnames=("axes", "param_axes"))
-    group_norm = jax.jit(kernels.group_norm, static_argnames=("num_groups", "axis"))
-    rms_norm = jax.jit(kernels.rms_norm, static_argnames=("axes", "cast_before_weight"))
-
-    def normkit_backend_info() -> normkit.BackendInfo:
-        return plugin.backend_info(name)
-
-    def normkit_batch_norm(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
-    ):
-        y, mean, var = batch_norm(
-            x, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
-            axis=axis, unbiased_running_var=unbiased_running_var,
-        )  # fmt: skip
-        return (y, mean, var) if training else (y, running_mean, running_var)
-
-    def normkit_instance_norm(
-        x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis, unbiased_running_var
-    ):
-        y, mean, var = instance_norm(
-            x, weight, bias, running_mean, running_var, use_input_stats=use_input_stats, momentum=momentum,
-            eps=eps, axis=axis, unbiased_running_var=unbiased_running_var,
-        )  # fmt: skip
-        return (y, mean, var) if use_input_stats else (y, running_mean, running_var)
-
-    def normkit_layer_norm(x, weight, bias, axes, eps):
-        return layer_norm(x, weight, bias, axes=tuple(axes), eps=eps)
-
-    def normkit_moments(x, axes, mask, group_axis, num_groups):
-        return moments(x, axes=tuple(axes), mask=mask, group_axis=group_axis, num_groups=num_groups)
-
-    def normkit_normalize(x, mean, var, weight, bias, eps, axes, param_axes):
-        return normalize(x, mean, var, weight, bias, eps=eps, axes=tuple(axes), param_axes=tuple(param_axes))
-
-    def normkit_group_norm(x, num_groups, weight, bias, eps, axis):
-        return group_norm(x, num_groups=num_groups, weight=weight, bias=bias, eps=eps, axis=axis)
-
-    def normkit_rms_norm(x, weight, axes, eps, weight_offset, cast_before_weight):
-        return rms_norm(
-            x, weight, axes=tuple(axes), eps=eps, weight_offset=weight_offset,
-            cast_before_weight=cast_before_weight,
-        )  # fmt: skip
-
-    module = types.ModuleType(name)
-    hooks = (
-        normkit_backend_info,
-        normkit_batch_norm,
-        normkit_instance_norm,
-        normkit_layer_norm,
-        normkit_moments,
-        normkit_normalize,
-        normkit_group_norm,
-        normkit_rms_norm,
-    )
-    for hook in hooks:
-        setattr(module, hook.__name__, normkit.hookimpl(hook))
-    return module
+    :func:`jax.jit`, described as backend ``name`` (:func:`normkit.testing.wrapped_backend`)."""
+    return wrapped_backend(name, plugin.backend_info, kernels, _compiled)
 
 
 _JIT_PLUGINS: dict[str, types.ModuleType] = {}

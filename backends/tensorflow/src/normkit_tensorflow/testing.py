@@ -1,8 +1,9 @@
 """The TensorFlow backend with every kernel run inside ``tf.function`` (optionally compiled by
 XLA), registered under its own name so that normkit's conformance suite can check the traced
-graphs exactly as it checks eager execution. Every hook is traced: the composites and the
-primitives (``moments``, ``normalize``); the Python arguments (axes, flags, ``eps``, ``mask=None``)
-are constants of the graph, so each distinct value traces once.
+graphs exactly as it checks eager execution (built by :func:`normkit.testing.wrapped_backend`).
+Every hook is traced: the composites and the primitives (``moments``, ``normalize``); the Python
+arguments (axes, flags, ``eps``, ``mask=None``) are constants of the graph, so each distinct
+value traces once.
 
 >>> import tensorflow as tf, normkit
 >>> from normkit_tensorflow.testing import register_function_backends
@@ -15,13 +16,14 @@ are constants of the graph, so each distinct value traces once.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import tensorflow as tf
 
 import normkit
+from normkit.testing import wrapped_backend
 from normkit_tensorflow import kernels, plugin
 
 __all__ = ["FUNCTION_BACKENDS", "register_function_backends"]
@@ -31,61 +33,12 @@ FUNCTION_BACKENDS = {"tensorflow-function": False, "tensorflow-xla": True}
 
 
 def _function_plugin(name: str, jit_compile: bool) -> types.ModuleType:
-    batch_norm = tf.function(kernels.batch_norm, jit_compile=jit_compile)
-    instance_norm = tf.function(kernels.instance_norm, jit_compile=jit_compile)
-    layer_norm = tf.function(kernels.layer_norm, jit_compile=jit_compile)
-    moments = tf.function(kernels.moments, jit_compile=jit_compile)
-    normalize = tf.function(kernels.normalize, jit_compile=jit_compile)
-    group_norm = tf.function(kernels.group_norm, jit_compile=jit_compile)
-    rms_norm = tf.function(kernels.rms_norm, jit_compile=jit_compile)
+    """The kernels of :mod:`normkit_tensorflow.kernels`, each in ``tf.function``, as backend ``name``."""
 
-    def normkit_backend_info() -> normkit.BackendInfo:
-        return dataclasses.replace(plugin.normkit_backend_info(), name=name)
+    def traced(op: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
+        return tf.function(kernel, jit_compile=jit_compile)
 
-    def normkit_batch_norm(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
-    ):
-        return batch_norm(
-            x, weight, bias, running_mean, running_var, training, momentum, eps, axis, unbiased_running_var
-        )
-
-    def normkit_instance_norm(
-        x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis, unbiased_running_var
-    ):
-        return instance_norm(
-            x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis,
-            unbiased_running_var,
-        )  # fmt: skip
-
-    def normkit_layer_norm(x, weight, bias, axes, eps):
-        return layer_norm(x, weight, bias, axes, eps)
-
-    def normkit_moments(x, axes, mask, group_axis, num_groups):
-        return moments(x, axes, mask, group_axis, num_groups)
-
-    def normkit_normalize(x, mean, var, weight, bias, eps, axes, param_axes):
-        return normalize(x, mean, var, weight, bias, eps, axes, param_axes)
-
-    def normkit_group_norm(x, num_groups, weight, bias, eps, axis):
-        return group_norm(x, num_groups, weight, bias, eps, axis)
-
-    def normkit_rms_norm(x, weight, axes, eps, weight_offset, cast_before_weight):
-        return rms_norm(x, weight, axes, eps, weight_offset, cast_before_weight)
-
-    module = types.ModuleType(name)
-    hooks = (
-        normkit_backend_info,
-        normkit_batch_norm,
-        normkit_instance_norm,
-        normkit_layer_norm,
-        normkit_moments,
-        normkit_normalize,
-        normkit_group_norm,
-        normkit_rms_norm,
-    )
-    for hook in hooks:
-        setattr(module, hook.__name__, normkit.hookimpl(hook))
-    return module
+    return wrapped_backend(name, plugin.normkit_backend_info, kernels, traced)
 
 
 @contextlib.contextmanager
