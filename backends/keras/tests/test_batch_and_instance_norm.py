@@ -159,9 +159,6 @@ def test_state_dict_corner_cases() -> None:
     overridden(x)
     assert not nk.BatchNormalization.from_state_dict(overridden.state_dict()).unbiased_running_var
 
-    wrong = nk.BatchNormalization.from_state_dict(overridden.state_dict())
-    with pytest.raises(ValueError, match=r"the state's moving_mean has shape \(3,\), but this input gives"):
-        wrong(np.zeros((2, 5), "float32"))
     with pytest.raises(RuntimeError, match="the layer has no weights yet"):
         nk.BatchNormalization().state_dict()
 
@@ -176,3 +173,48 @@ def test_layer_norm_state_over_several_trailing_axes() -> None:
     np.testing.assert_allclose(
         numpy(layer(x)), state(x), **agreement_tolerance("float32", centering_gain=gain).kwargs
     )
+
+
+def test_a_state_that_does_not_fit_the_input_raises_and_changes_nothing() -> None:
+    """``from_state_dict`` sets the weights when the layer is built: an input with other
+    features raises, naming the weight and both shapes, before any weight exists, so the layer
+    stays unbuilt and keeps the state; a fitting input then loads it exactly."""
+    x = np.random.default_rng(14).normal(1.0, 2.0, size=(8, 3)).astype("float32")
+    source = normkit.BatchNorm(3, preset="torch")
+    source(x)
+    state = source.state_dict()
+    layer = nk.BatchNormalization.from_state_dict(state)
+    with pytest.raises(
+        ValueError,
+        match=r"the state's moving_mean has shape \(3,\), but this input gives the layer a moving_mean of shape \(5,\)",
+    ):
+        layer(np.zeros((2, 5), "float32"), training=False)
+    assert not layer.built and layer.weights == []
+    layer(x, training=False)
+    assert len(layer.weights) == 4
+    for name, key in (
+        ("gamma", "weight"),
+        ("beta", "bias"),
+        ("moving_mean", "running_mean"),
+        ("moving_variance", "running_var"),
+    ):
+        np.testing.assert_array_equal(numpy(getattr(layer, name)), np.asarray(state[key]), err_msg=name)
+
+    source = normkit.LayerNorm((5, 6), preset="torch")
+    source(np.ones((2, 5, 6), "float32"))
+    layer = nk.LayerNormalization.from_state_dict(source.state_dict())
+    with pytest.raises(
+        ValueError,
+        match=r"the state's gamma has shape \(5, 6\), but this input gives the layer a gamma of shape \(5, 7\)",
+    ):
+        layer(np.zeros((2, 5, 7), "float32"))
+    assert not layer.built and layer.weights == []
+    layer(np.zeros((2, 5, 6), "float32"))
+    np.testing.assert_array_equal(numpy(layer.gamma), np.asarray(source.state_dict()["weight"]))
+
+    counts = nk.BatchNormalization.from_state_dict({**state, "running_mean": np.arange(3)})
+    with pytest.raises(
+        TypeError, match=r"the state's moving_mean has dtype int64; expected a floating dtype"
+    ):
+        counts(x, training=False)
+    assert not counts.built and counts.weights == []

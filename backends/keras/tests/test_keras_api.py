@@ -157,6 +157,37 @@ def test_bad_arguments_name_the_parameter() -> None:
         nk.LayerNormalization(rms_scaling=True)
     with pytest.raises(ValueError, match="axis=0 is the batch axis"):
         nk.InstanceNormalization(axis=0).build((2, 3, 4))
+    # Keras's own BatchNormalization turns axis=1.5 into 1 (int(axis)); these name what they got
+    for one_axis in (nk.BatchNormalization, nk.InstanceNormalization, nk.GroupNormalization):
+        with pytest.raises(TypeError, match=r"axis=1\.5: expected an int \(the channel axis\)"):
+            one_axis(axis=1.5)
+        with pytest.raises(TypeError, match=r"axis='-1': expected an int \(the channel axis\)"):
+            one_axis(axis="-1")
+        with pytest.raises(TypeError, match=r"axis=True: expected an int"):
+            one_axis(axis=True)
+        layer = one_axis(axis=np.int64(1))
+        assert layer.axis == 1 and type(layer.axis) is int
+    for several_axes in (nk.LayerNormalization, nk.RMSNormalization):
+        with pytest.raises(TypeError, match=r"axis=\[1, 2\.0\]: expected an int or a non-empty list of ints"):
+            several_axes(axis=[1, 2.0])
+        with pytest.raises(TypeError, match=r"axis=1\.5: expected an int or a non-empty list of ints"):
+            several_axes(axis=1.5)
+        with pytest.raises(ValueError, match=r"axis=\(\): expected an int or a non-empty list of ints"):
+            several_axes(axis=())
+        assert several_axes(axis=(np.int64(1), -1)).axis == [1, -1]
+    with pytest.raises(TypeError, match=r"track_running_stats='no': expected True or False"):
+        nk.InstanceNormalization(track_running_stats="no")
+    for flagged in (
+        nk.BatchNormalization,
+        nk.InstanceNormalization,
+        nk.GroupNormalization,
+        nk.LayerNormalization,
+    ):
+        with pytest.raises(TypeError, match=r"center=None: expected True or False"):
+            flagged(center=None)
+        with pytest.raises(TypeError, match=r"scale=1: expected True or False"):
+            flagged(scale=1)
+        assert flagged(scale=np.bool_(False)).scale is False
     with pytest.raises(
         ValueError, match=r"mask has shape \(4, 5, 3\): expected one dimension less than inputs"
     ):

@@ -1,6 +1,7 @@
 """At ``|mean|/std = 1e4`` in float32, under this run's Keras backend, every normkit layer stays
 within the suite's bound of the float64 reference (with the centering term of the data), in
-training and in eval; Keras's own ``BatchNormalization`` does too on TensorFlow and JAX, whose
+training, and batch and instance norm in eval with the moving statistics they learned there;
+Keras's own ``BatchNormalization`` does too in training on TensorFlow and JAX, whose
 ``ops.moments`` are two-pass, and returns NaN on torch, whose are ``E[x^2] - E[x]^2``."""
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from keras_helpers import BACKEND, numpy
 
 import normkit_keras as nk
 from normkit import reference
-from normkit.testing.tolerances import centering_gain, output_tolerance, statistics_tolerance
+from normkit.testing.tolerances import (
+    assert_within,
+    centering_gain,
+    output_tolerance,
+    statistics_effect,
+    statistics_tolerance,
+)
 
 OFFSET = 1e4
 
@@ -82,3 +89,54 @@ def test_the_other_layers_follow_the_reference(name: str) -> None:
         wide = x.astype(np.float64)
         gain = centering_gain(wide.mean(axis=axes), wide.var(axis=axes), 1e-3)
     np.testing.assert_allclose(y, expected, **output_tolerance("float32", centering_gain=gain).kwargs)
+
+
+@pytest.mark.parametrize("name", ["batch", "instance"])
+def test_eval_with_the_moving_statistics_learned_at_1e4_follows_the_reference(name: str) -> None:
+    """Four training steps on new batches at ``|mean|/std = 1e4`` (momentum 0.5), then an eval
+    call on another: the moving statistics are the float64 reference's within
+    :func:`statistics_tolerance`, and the eval output is within the suite's bound of the
+    reference's eval output (computed with the reference's moving statistics), widened by how far
+    statistics off by that tolerance move it (:func:`statistics_effect`)."""
+    batch = name == "batch"
+    shape = (64, 8) if batch else (4, 6, 6, 8)
+    if batch:
+        layer = nk.BatchNormalization(momentum=0.5)
+    else:
+        layer = nk.InstanceNormalization(track_running_stats=True, momentum=0.5)
+    exact = reference.batch_norm if batch else reference.instance_norm
+    mode = "training" if batch else "use_input_stats"
+    mean, var = np.zeros(8), np.ones(8)
+    magnitude = 0.0
+    for step in range(4):
+        x = shifted(shape, 10 + step)
+        magnitude = max(magnitude, float(np.abs(x).max()))
+        layer(x, training=True)
+        _, mean, var = exact(
+            x,
+            None,
+            None,
+            mean,
+            var,
+            **{mode: True},
+            momentum=0.5,
+            eps=1e-3,
+            axis=-1,
+            unbiased_running_var=False,
+        )
+    tolerances = {
+        statistic: statistics_tolerance("float32", statistic, magnitude) for statistic in ("mean", "var")
+    }
+    np.testing.assert_allclose(numpy(layer.moving_mean), mean, **tolerances["mean"].kwargs)
+    np.testing.assert_allclose(numpy(layer.moving_variance), var, **tolerances["var"].kwargs)
+    x = shifted(shape, 20)
+    y = numpy(layer(x, training=False))
+    expected = exact(
+        x, None, None, mean, var, **{mode: False}, momentum=0.0, eps=1e-3, axis=-1, unbiased_running_var=False
+    )[0]
+    moved = statistics_effect(
+        x, mean, var, 1e-3,
+        mean_error=tolerances["mean"].bound(mean, 0.0), var_error=tolerances["var"].bound(var, 0.0),
+    )  # fmt: skip
+    tolerance = output_tolerance("float32", centering_gain=centering_gain(mean, var, 1e-3))
+    assert_within(np.abs(y - expected), tolerance.bound(expected, 0.0) + moved, f"{name} norm in eval")

@@ -1,7 +1,8 @@
 """Under the ``mixed_float16`` policy, under this run's Keras backend, every normkit layer takes a
 float32 input as it is (``autocast = False``): values above float16's largest (65504) are
 normalized in float32, and the output, cast to float16, is finite and within the suite's bound of
-the float64 reference. Keras's own ``BatchNormalization`` and ``RMSNormalization`` autocast the
+the float64 reference; batch norm's moving statistics, above 65504 too, stay float32 and are used
+in float32 in eval. Keras's own ``BatchNormalization`` and ``RMSNormalization`` autocast the
 input to float16 first, to infinity, and return non-finite values; its layer and group norm do
 not autocast and stay finite."""
 
@@ -16,7 +17,13 @@ from keras_helpers import numpy
 
 import normkit_keras as nk
 from normkit import reference
-from normkit.testing.tolerances import centering_gain, output_tolerance, statistics_tolerance
+from normkit.testing.tolerances import (
+    assert_within,
+    centering_gain,
+    output_tolerance,
+    statistics_effect,
+    statistics_tolerance,
+)
 
 SHAPE = (4, 5, 5, 8)
 BIG = 1e5  # above float16's largest finite value, 65504
@@ -130,3 +137,37 @@ def test_the_batch_norm_moving_statistics_stay_float32_and_correct() -> None:
         assert got.dtype == "float32"
         tolerance = statistics_tolerance("float32", statistic, magnitude)
         np.testing.assert_allclose(numpy(got), expected, **tolerance.kwargs)
+
+
+def test_batch_norm_eval_uses_moving_statistics_above_65504_in_float32() -> None:
+    """Trained on float32 data around 1e5 (momentum 0: the moving statistics are the batch's),
+    the float32 moving mean is above float16's largest value; eval normalizes a new float32
+    batch with it in float32: a finite float16 output within the suite's float16 bound of the
+    reference's eval output, widened by how far the stored statistics may move it. Keras's own
+    layer autocasts the input to float16 (infinity) and its eval output is not finite."""
+    x, new = data(3), data(4)
+    layer = nk.BatchNormalization(momentum=0.0)
+    layer(x, training=True)
+    wide = x.astype(np.float64)
+    mean, var = wide.mean((0, 1, 2)), wide.var((0, 1, 2))
+    assert (numpy(layer.moving_mean) > np.finfo(np.float16).max).all()
+    magnitude = float(np.abs(x).max())
+    tolerances = {
+        statistic: statistics_tolerance("float32", statistic, magnitude) for statistic in ("mean", "var")
+    }
+    np.testing.assert_allclose(numpy(layer.moving_mean), mean, **tolerances["mean"].kwargs)
+    np.testing.assert_allclose(numpy(layer.moving_variance), var, **tolerances["var"].kwargs)
+    y = layer(new, training=False)
+    assert keras.backend.standardize_dtype(y.dtype) == "float16"
+    got = numpy(y).astype(np.float64)
+    assert np.isfinite(got).all()
+    expected = reference.normalize(new.astype(np.float64), mean, var, eps=1e-3, axis=3)
+    moved = statistics_effect(
+        new, mean, var, 1e-3,
+        mean_error=tolerances["mean"].bound(mean, 0.0), var_error=tolerances["var"].bound(var, 0.0),
+    )  # fmt: skip
+    tolerance = output_tolerance("float16", centering_gain=centering_gain(mean, var, 1e-3))
+    assert_within(np.abs(got - expected), tolerance.bound(expected, 0.0) + moved, "eval under mixed_float16")
+    stock = keras.layers.BatchNormalization(momentum=0.0)
+    stock(x, training=True)
+    assert not np.isfinite(numpy(stock(new, training=False))).all()

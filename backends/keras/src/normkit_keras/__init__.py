@@ -7,10 +7,17 @@ pass the input and their variables' values to normkit's functional ops, so normk
 runs the backend of the tensor's own type (``normkit_tensorflow``, ``normkit_jax`` or
 ``normkit_torch``), and store new moving statistics with ``variable.assign``.
 
->>> import keras, normkit_keras
+>>> import keras, numpy as np, normkit_keras
 >>> layer = normkit_keras.BatchNormalization(preset="torch")   # unbiased moving variance
 >>> layer.momentum, layer.epsilon, layer.autocast
 (0.9, 1e-05, False)
+>>> x = np.array([[1.0, 2.0], [3.0, 2.0]], dtype="float32")  # batch mean (2, 2), variance (1, 0)
+>>> y = layer(x, training=True)             # normkit's backend of this Keras backend's tensors
+>>> keras.ops.convert_to_numpy(y)           # (x - mean) / sqrt(variance + 1e-5)
+array([[-0.999995,  0.      ],
+       [ 0.999995,  0.      ]], dtype=float32)
+>>> keras.ops.convert_to_numpy(layer.moving_variance)   # 0.9 * 1 + 0.1 * unbiased (2, 0)
+array([1.1, 0.9], dtype=float32)
 
 Importing this package registers the layers with Keras's serialization as
 ``"normkit>BatchNormalization"`` and so on (the names ``normkit_tensorflow`` has always written

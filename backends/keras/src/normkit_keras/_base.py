@@ -12,6 +12,7 @@ its only side effect (JAX's trainer turns it into new non-trainable variables).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +23,17 @@ from normkit import presets
 from normkit._registry import backend_for
 from normkit.errors import StateDictError
 
-__all__ = ["PACKAGE", "PresetOptions", "check_epsilon", "keras_momentum", "metadata", "to_numpy", "value"]
+__all__ = [
+    "PACKAGE",
+    "PresetOptions",
+    "check_axis",
+    "check_epsilon",
+    "check_flag",
+    "keras_momentum",
+    "metadata",
+    "to_numpy",
+    "value",
+]
 
 PACKAGE = "normkit"
 """The package of the registered names (``"normkit>BatchNormalization"``), written into every
@@ -61,6 +72,39 @@ def check_epsilon(epsilon: object, default: float) -> float:
             f"epsilon={epsilon!r}: expected a positive finite number (normkit adds it to the variance "
             f"inside the square root)"
         ) from None
+
+
+def check_axis(axis: object, *, several: bool = False) -> int | list[int]:
+    """``axis`` as an ``int`` (a NumPy integer too; not a bool), or with ``several`` also a
+    non-empty list of them (a tuple becomes a list, as Keras keeps it).
+
+    :raises TypeError: for anything else, naming what was given (Keras's own layers turn 1.5
+        into 1 with ``int(axis)``, or fail later with an error that does not name ``axis``).
+    :raises ValueError: for an empty list.
+    """
+    expected = "an int or a non-empty list of ints" if several else "an int (the channel axis)"
+
+    def one(a: object) -> int:
+        if isinstance(a, bool) or not isinstance(a, numbers.Integral):
+            raise TypeError(f"axis={axis!r}: expected {expected}")
+        return int(a)
+
+    if several and isinstance(axis, list | tuple):
+        if not axis:
+            raise ValueError(f"axis={axis!r}: expected {expected}")
+        return [one(a) for a in axis]
+    return one(axis)
+
+
+def check_flag(name: str, flag: object) -> bool:
+    """``flag`` as a bool (a NumPy bool too).
+
+    :raises TypeError: for anything else, naming the parameter ``name`` (a string such as
+        ``"no"`` would otherwise count as true).
+    """
+    if not isinstance(flag, bool | np.bool_):
+        raise TypeError(f"{name}={flag!r}: expected True or False")
+    return bool(flag)
 
 
 def unsupported(**options: Any) -> None:
@@ -103,19 +147,39 @@ class PresetOptions:
     _pending_weights: dict[str, np.ndarray] | None = None
 
     def build(self, input_shape: Any) -> None:
+        self._check_pending_weights(input_shape)  # before any weight exists: a failure changes nothing
         super().build(input_shape)  # type: ignore[misc]  # Keras's own build: its weights, in its order
         self._assign_pending_weights()
 
-    def _assign_pending_weights(self) -> None:
-        pending, self._pending_weights = self._pending_weights, None
-        for name, array in (pending or {}).items():
-            variable = getattr(self, name)
-            if tuple(variable.shape) != array.shape:
+    def _weight_shape(self, input_shape: Any) -> tuple[int, ...]:
+        """The shape Keras's build gives each weight: one value per channel of ``axis``
+        (layers that normalize over several axes override it)."""
+        return (input_shape[self.axis],)  # type: ignore[attr-defined]
+
+    def _check_pending_weights(self, input_shape: Any) -> None:
+        """Every weight given to ``from_state_dict`` against the shape this input gives it.
+
+        :raises TypeError: for a weight that is not floating point;
+        :raises ValueError: for one whose shape does not fit. Either names the first weight at
+            fault, and the layer stays unbuilt with the weights still pending (a call with a
+            fitting input loads them).
+        """
+        shape = tuple(self._weight_shape(input_shape))
+        for name, array in (self._pending_weights or {}).items():
+            if not np.issubdtype(array.dtype, np.floating):
+                raise TypeError(f"the state's {name} has dtype {array.dtype}; expected a floating dtype")
+            if array.shape != shape:
                 raise ValueError(
                     f"the state's {name} has shape {array.shape}, but this input gives the layer a "
-                    f"{name} of shape {tuple(variable.shape)}: the state was saved for other features"
+                    f"{name} of shape {shape}: the state was saved for other features"
                 )
-            variable.assign(array)
+
+    def _assign_pending_weights(self) -> None:
+        """Assign the weights given to ``from_state_dict`` (checked by
+        :meth:`_check_pending_weights` before the layer was built), then forget them."""
+        for name, array in (self._pending_weights or {}).items():
+            getattr(self, name).assign(array)
+        self._pending_weights = None
 
     def _set_preset(self, p: presets.Preset) -> None:
         self.preset = p.name
@@ -127,6 +191,27 @@ class PresetOptions:
     def running_var_estimator(self) -> str:
         """``"unbiased"`` or ``"biased"``: the batch variance stored in the moving variance."""
         return "unbiased" if self.unbiased_running_var else "biased"
+
+    def _channel_state(self) -> tuple[Any, Any, Any, Any]:
+        """The values of the moving mean and variance, γ and β (``None`` where a weight is
+        missing), in the order of ``normkit.batch_norm``'s and ``normkit.instance_norm``'s
+        arguments."""
+        names = ("moving_mean", "moving_variance", "gamma", "beta")
+        return tuple(value(getattr(self, name)) for name in names)  # type: ignore[return-value]
+
+    def _moving_options(self) -> dict[str, Any]:
+        """The keyword arguments ``normkit.batch_norm`` and ``normkit.instance_norm`` share:
+        Keras's momentum (the weight of the old value), the preset's variance estimator, epsilon
+        and the preset. One value per group is allowed there: the layer checks it itself, in its
+        own words (:meth:`_check_values_per_group`)."""
+        return {
+            "momentum": self.momentum,  # type: ignore[attr-defined]
+            "momentum_weights": "running",
+            "eps": self.epsilon,  # type: ignore[attr-defined]
+            "running_var_estimator": self.running_var_estimator,
+            "allow_single_value": True,
+            "preset": self.preset,
+        }
 
     def _check_values_per_group(self, inputs: Any, reduced_axes: list[int]) -> None:
         """One value per group in training: an error unless the preset allows it (checked when

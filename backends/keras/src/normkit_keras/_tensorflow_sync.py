@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
-from normkit._registry import backend_for
+import normkit
 from normkit.distributed import CommunicatorError, synchronized_moments
-from normkit.functional._arrays import cast
 from normkit.functional.masked import running_update
-from normkit.functional.statistics import Moments
 
 try:
     from normkit_tensorflow.distributed import ReplicaCommunicator
+    from normkit_tensorflow.plugin import normkit_backend_info, normkit_moments, normkit_normalize
 except ImportError as error:  # pragma: no cover - the extra is missing
     raise ImportError(
         "BatchNormalization(synchronized=True) on Keras's TensorFlow backend needs normkit's TensorFlow "
@@ -63,12 +62,13 @@ def batch_norm(
         None if v is None else tf.convert_to_tensor(v.value)
         for v in (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance)
     )
-    be = backend_for(inputs)
-    reduced = tuple(a for a in range(len(inputs.shape)) if a != axis)
     comm = ReplicaCommunicator(
         context, layer=layer.name, channels=inputs.shape[axis], dtype=inputs.dtype.name
     )
-    local = Moments(*be.moments(inputs, reduced, selected, None, None))
+    reduced = tuple(a for a in range(len(inputs.shape)) if a != axis)
+    # the TensorFlow backend's kernels themselves, as the spec's hooks define them (normkit.normalize
+    # would hand an empty replica a new empty tensor, with no gradient path to x, gamma and beta)
+    local = normkit.Moments(*normkit_moments(inputs, reduced, selected, None, None))
     try:
         total = synchronized_moments(local, comm, layer=layer.name)
     except CommunicatorError as error:
@@ -87,14 +87,14 @@ def batch_norm(
                 raise ValueError(words)
         else:
             checks.append(tf.debugging.Assert(tf.logical_not(single), [words]))
-    info = be.info
-    wide = info.dtype_name(total.mean)
-    n = cast(info, total.count, wide)
-    empty = cast(info, total.count == 0, wide)
+    wide = total.mean.dtype  # float64: the merge's
+    n = tf.cast(total.count, wide)
+    empty = tf.cast(total.count == 0, wide)
     var = total.m2 / (n + empty)  # M2 / N, 0 / 1 where nothing counts
     with tf.control_dependencies(checks):
-        y = be.normalize(inputs, total.mean, var, gamma, beta, layer.epsilon, reduced, (axis,))
+        y = normkit_normalize(inputs, total.mean, var, gamma, beta, layer.epsilon, reduced, (axis,))
         mean, variance = running_update(
-            info, total, moving_mean, moving_variance, 1.0 - layer.momentum, layer.unbiased_running_var
-        )
+            normkit_backend_info(), total, moving_mean, moving_variance, 1.0 - layer.momentum,
+            layer.unbiased_running_var,
+        )  # fmt: skip
     return y, mean, variance

@@ -14,12 +14,13 @@ from normkit.errors import StateDictError
 from normkit_keras._base import (
     PACKAGE,
     PresetOptions,
+    check_axis,
     check_epsilon,
+    check_flag,
     keras_momentum,
     metadata,
     to_numpy,
     unsupported,
-    value,
 )
 
 __all__ = ["BatchNormalization"]
@@ -75,15 +76,14 @@ class BatchNormalization(PresetOptions, keras.layers.BatchNormalization):
         **kwargs: Any,
     ) -> None:
         unsupported(renorm=renorm)
-        if not isinstance(synchronized, bool):
-            raise TypeError(f"synchronized={synchronized!r}: expected True or False")
+        synchronized = check_flag("synchronized", synchronized)
         p = presets.get_preset(preset)
         super().__init__(
-            axis=axis,
+            axis=check_axis(axis),
             momentum=keras_momentum(momentum, p),
             epsilon=check_epsilon(epsilon, p.batch_norm_eps),
-            center=center,
-            scale=scale,
+            center=check_flag("center", center),
+            scale=check_flag("scale", scale),
             beta_initializer=beta_initializer,
             gamma_initializer=gamma_initializer,
             moving_mean_initializer=moving_mean_initializer,
@@ -123,21 +123,9 @@ class BatchNormalization(PresetOptions, keras.layers.BatchNormalization):
             if use_batch_stats and selected is None:  # with a mask the counts are data
                 self._check_values_per_group(inputs, [a for a in range(rank) if a != axis])
             y, mean, var = normkit.batch_norm(
-                inputs,
-                value(self.moving_mean),
-                value(self.moving_variance),
-                value(self.gamma),
-                value(self.beta),
-                training=use_batch_stats,
-                momentum=self.momentum,
-                momentum_weights="running",
-                eps=self.epsilon,
-                axis=axis,
-                running_var_estimator=self.running_var_estimator,
-                allow_single_value=True,  # checked above, in the layer's words
-                preset=self.preset,
-                mask=selected,
-            )
+                inputs, *self._channel_state(), training=use_batch_stats, axis=axis, mask=selected,
+                **self._moving_options(),
+            )  # fmt: skip
         if use_batch_stats:
             # in a tf.distribute replica context each replica assigns its own copy (the variables'
             # aggregation is Keras's "none", as for Keras's own layer); synchronized, the same bits

@@ -8,7 +8,7 @@ import keras
 
 import normkit
 from normkit import presets
-from normkit_keras._base import PACKAGE, PresetOptions, check_epsilon, keras_momentum, value
+from normkit_keras._base import PACKAGE, PresetOptions, check_axis, check_epsilon, check_flag, keras_momentum
 
 __all__ = ["InstanceNormalization"]
 
@@ -47,10 +47,10 @@ class InstanceNormalization(PresetOptions, keras.layers.Layer):
         super().__init__(**kwargs)
         p = presets.get_preset(preset)
         self._set_preset(p)
-        self.axis = int(axis)
+        self.axis = check_axis(axis)
         self.epsilon = check_epsilon(epsilon, p.instance_norm_eps)
-        self.center, self.scale = center, scale
-        self.track_running_stats = track_running_stats
+        self.center, self.scale = check_flag("center", center), check_flag("scale", scale)
+        self.track_running_stats = check_flag("track_running_stats", track_running_stats)
         self.momentum = keras_momentum(momentum, p)
         self.beta_initializer = keras.initializers.get(beta_initializer)
         self.gamma_initializer = keras.initializers.get(gamma_initializer)
@@ -96,20 +96,9 @@ class InstanceNormalization(PresetOptions, keras.layers.Layer):
         if use_input_stats:
             self._check_values_per_group(inputs, [a for a in range(1, rank) if a != axis])
         y, mean, var = normkit.instance_norm(
-            inputs,
-            value(self.moving_mean),
-            value(self.moving_variance),
-            value(self.gamma),
-            value(self.beta),
-            use_input_stats=use_input_stats,
-            momentum=self.momentum,
-            momentum_weights="running",
-            eps=self.epsilon,
-            axis=axis,
-            running_var_estimator=self.running_var_estimator,
-            allow_single_value=True,  # checked above, in the layer's words
-            preset=self.preset,
-        )
+            inputs, *self._channel_state(), use_input_stats=use_input_stats, axis=axis,
+            **self._moving_options(),
+        )  # fmt: skip
         if use_input_stats and self.track_running_stats:
             self.moving_mean.assign(mean)
             self.moving_variance.assign(var)

@@ -9,7 +9,17 @@ import keras
 
 import normkit
 from normkit import presets
-from normkit_keras._base import PACKAGE, PresetOptions, check_epsilon, metadata, to_numpy, unsupported, value
+from normkit_keras._base import (
+    PACKAGE,
+    PresetOptions,
+    check_axis,
+    check_epsilon,
+    check_flag,
+    metadata,
+    to_numpy,
+    unsupported,
+    value,
+)
 
 __all__ = ["LayerNormalization"]
 
@@ -54,10 +64,10 @@ class LayerNormalization(PresetOptions, keras.layers.LayerNormalization):
         unsupported(rms_scaling=kwargs.pop("rms_scaling", False))
         p = presets.get_preset(preset)
         super().__init__(
-            axis=axis,
+            axis=check_axis(axis, several=True),
             epsilon=check_epsilon(epsilon, p.layer_norm_eps),
-            center=center,
-            scale=scale,
+            center=check_flag("center", center),
+            scale=check_flag("scale", scale),
             beta_initializer=beta_initializer,
             gamma_initializer=gamma_initializer,
             beta_regularizer=beta_regularizer,
@@ -90,6 +100,11 @@ class LayerNormalization(PresetOptions, keras.layers.LayerNormalization):
         names = {"gamma": "weight", "beta": "bias"}
         layer._pending_weights = {k: to_numpy(state_dict[v]) for k, v in names.items() if v in state_dict}
         return layer
+
+    def _weight_shape(self, input_shape: Any) -> tuple[int, ...]:
+        """Keras's: γ and β span ``axis`` sorted as given (``[-1, 1]``: the last axis first)."""
+        axes = self.axis if isinstance(self.axis, list) else [self.axis]
+        return tuple(input_shape[a] for a in sorted(axes))
 
     def call(self, inputs: Any) -> Any:
         axes = increasing_axes(self.axis, len(inputs.shape))

@@ -8,7 +8,7 @@ import keras
 
 import normkit
 from normkit import presets
-from normkit_keras._base import PACKAGE, PresetOptions, check_epsilon, value
+from normkit_keras._base import PACKAGE, PresetOptions, check_axis, check_epsilon, value
 from normkit_keras.layer_normalization import increasing_axes, laid_out
 
 __all__ = ["RMSNormalization"]
@@ -46,7 +46,7 @@ class RMSNormalization(PresetOptions, keras.layers.RMSNormalization):
     ) -> None:
         p = presets.get_preset(preset)
         epsilon = p.rms_norm_eps if epsilon is None else check_epsilon(epsilon, 0.0)
-        super().__init__(axis=axis, epsilon=epsilon, **kwargs)
+        super().__init__(axis=check_axis(axis, several=True), epsilon=epsilon, **kwargs)
         self._set_preset(p)
         self.cast_before_weight = p.rms_cast == "before_weight"
         self.weight_offset = float(p.rms_weight_offset)
@@ -55,10 +55,10 @@ class RMSNormalization(PresetOptions, keras.layers.RMSNormalization):
         """Keras's build (``axis`` becomes a sorted list, ``scale`` spans its sizes in that order),
         with ``scale`` starting at :math:`1 - o`."""
         rank = len(input_shape)
-        axes = self.axis if isinstance(self.axis, list | tuple) else [self.axis]
-        for a in axes:
-            if not isinstance(a, int) or not -rank <= a < rank:
-                raise ValueError(f"axis={self.axis!r}: expected axes of inputs of rank {rank}")
+        axes = self.axis if isinstance(self.axis, list) else [self.axis]
+        if not all(-rank <= a < rank for a in axes):
+            raise ValueError(f"axis={self.axis!r}: expected axes of inputs of rank {rank}")
+        self._check_pending_weights(input_shape)
         self.axis = sorted(axes)
         initializer = keras.initializers.Constant(1.0 - self.weight_offset) if self.weight_offset else "ones"
         self.scale = self.add_weight(
@@ -66,6 +66,11 @@ class RMSNormalization(PresetOptions, keras.layers.RMSNormalization):
         )
         self.built = True
         self._assign_pending_weights()
+
+    def _weight_shape(self, input_shape: Any) -> tuple[int, ...]:
+        """Keras's: ``scale`` spans ``axis`` in increasing order."""
+        axes = self.axis if isinstance(self.axis, list) else [self.axis]
+        return tuple(input_shape[a] for a in sorted(axes))
 
     def call(self, x: Any) -> Any:
         axes = increasing_axes(self.axis, len(x.shape))
