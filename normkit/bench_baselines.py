@@ -381,14 +381,20 @@ _NATIVES: dict[str, dict[str, Builder]] = {
 }
 
 
+_LIBRARY = {"flax": "flax", "flax-fast": "flax"}
+"""Natives that need a library beyond their framework (Flax's layers, on JAX)."""
+
+
 def natives_for(backend: str) -> dict[str, Builder]:
-    """The natives a backend is compared with, among those whose framework is installed."""
+    """The natives a backend is compared with, among those whose framework (and library) is
+    installed."""
     import importlib.util
 
     return {
         name: build
         for name, build in _NATIVES.get(backend, {}).items()
         if importlib.util.find_spec(framework_of(name)) is not None
+        and importlib.util.find_spec(_LIBRARY.get(name, framework_of(name))) is not None
     }
 
 
