@@ -318,13 +318,15 @@ def run_bench(
     rounds: int = 20,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchResult]:
-    """Time every workload and mode on every backend; see the module docstring."""
+    """Time every workload and mode on every backend (a workload in a dtype the backend lacks,
+    such as float64 on JAX without x64, is left out); see the module docstring."""
+    dtypes = {b: load_backend(b).dtypes for b in backends}
     jobs = [
         (w, m, b)
         for w in workloads
         for m in w.modes
         for b in backends
-        if not w.module or baselines.has_modules(b, w)
+        if (not w.module or baselines.has_modules(b, w)) and w.dtype in dtypes[b]
     ]
     from normkit import numpy_backend
 
@@ -490,7 +492,9 @@ normkit    median time of one call of normkit's op (module rows: normkit's layer
 native     the framework's own op or layer on the same data, timed in the same rounds; in brackets:
            torch = PyTorch's ATen op (torch.nn.functional), torch.nn = its module, keras = Keras's
            layer, tf.nn = tf.nn.moments + tf.nn.batch_normalization (RMS norm: x * rsqrt(mean(x²) + eps)
-           * w in TensorFlow ops); one row per native
+           * w in TensorFlow ops), flax = flax.linen's layer with use_fast_variance=False (two-pass, as
+           normkit), flax-fast = with Flax's default use_fast_variance=True (E[x²] - E[x]²: faster, and
+           inaccurate far from 0); one row per native
 floor      copying the input once in the backend's framework: no normalization can cost less
 x native   median of the per-round ratios normkit / native (below 1: normkit is faster)
 x floor    median of the per-round ratios normkit / floor
