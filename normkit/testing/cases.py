@@ -163,6 +163,16 @@ CASES: tuple[Case, ...] = tuple(
             purpose="mean offset |mean|/std = 1e4 in float32 catches E[x^2]-E[x]^2",
         ),
         _case(
+            "bn-keras-preset-offset-1e4",
+            _BN,
+            (16, 8, 8, 3),
+            loc=1e4,
+            options={"preset": "keras"},
+            steps=("train",) * 3 + ("eval",),
+            purpose="mean offset 1e4 under keras conventions (biased running variance, channels-last), "
+            "so that layers that store the biased variance meet the offset too",
+        ),
+        _case(
             "bn-offset-100-small-batch",
             _BN,
             (3, 4),
@@ -181,6 +191,14 @@ CASES: tuple[Case, ...] = tuple(
             purpose="instance norm with a 1e4 offset",
         ),
         _case("ln-offset-1e4", _LN, (8, 256), loc=1e4, purpose="layer norm with a 1e4 offset"),
+        _case(
+            "ln-offset-1000-std-0.1",
+            _LN,
+            (8, 256),
+            loc=1000.0,
+            scale=0.1,
+            purpose="mean 1000, std 0.1 in float32: a one-pass variance clamped at 0 gives (x - mean)/sqrt(eps)",
+        ),
         _case(
             "bn-float16-large-values",
             _BN,
@@ -392,6 +410,28 @@ CASES: tuple[Case, ...] = tuple(
             options={"num_groups": 4, "axis": -1},
             purpose="|mean|/std = 1e4 in float32, channels-last (torch's CPU kernel is one-pass there)",
         ),
+        *[
+            _case(
+                f"gn-offset-1000-std-{label}",
+                _GN,
+                (4, 8, 6, 6),
+                loc=1000.0,
+                scale=scale,
+                options={"num_groups": 4},
+                purpose=f"mean 1000, std {scale:g} in float32: E[x^2]-E[x]^2 loses "
+                + ("0.3 (onnxruntime's GroupNormalization)" if scale == 1.0 else "everything: NaN"),
+            )
+            for label, scale in (("1", 1.0), ("0.1", 0.1))
+        ],
+        _case(
+            "gn-offset-1000-bf16-large-groups",
+            _GN,
+            (2, 8, 64, 64),
+            dtype="bfloat16",
+            loc=1000.0,
+            options={"num_groups": 4},
+            purpose="bfloat16 groups of 8192 values at mean 1000: statistics must accumulate in float32, two-pass",
+        ),
         _case(
             "gn-float16-large-values",
             _GN,
@@ -515,6 +555,14 @@ CASES: tuple[Case, ...] = tuple(
             (8, 3, 5),
             options={"mask": "none"},
             purpose="nothing counts: (0, 0, 0), the identity of the merge",
+        ),
+        _case(
+            "moments-bf16-large-variance",
+            _MOMENTS,
+            (16, 3, 8),
+            dtype="bfloat16",
+            scale=1000.0,
+            purpose="bfloat16 variances near 1e6, above float16's largest value (65504)",
         ),
         _case(
             "moments-float16-large-values",
