@@ -10,6 +10,11 @@
 ``normkit bench [--backend NAME ...] [--workload NAME ...] [--rounds N] [--json PATH] [--plot PATH] [--markdown]``
     times each backend's ops against the framework's native op and a memory-bandwidth floor
     measured in the same run, and prints the ratios.
+``normkit audit [--implementation NAME ...] [--case ID ...] [--json PATH] [--markdown]``
+    runs the conformance cases against the frameworks' own layers (torch.nn, Keras on each
+    backend, Flax, Equinox, MLX, onnxruntime, ONNX's reference evaluator: whatever is
+    installed) and prints the matrix of cases by implementations, and the preset each
+    implementation's defaults match. Exits with 0 whatever the frameworks do; 2 on bad usage.
 """
 
 from __future__ import annotations
@@ -175,6 +180,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from normkit.audit import AUDIT_CASES, builtin_adapters, run_audit
+    from normkit.audit.report import to_json, to_markdown, to_text
+
+    adapters = builtin_adapters()
+    known = [a.name for a in adapters]
+    unknown = sorted(set(args.implementation or ()) - set(known))
+    if unknown:
+        print(f"normkit audit: unknown implementation(s) {unknown}; known: {known}", file=sys.stderr)
+        return 2
+    if args.implementation:
+        adapters = [a for a in adapters if a.name in args.implementation]
+    cases = AUDIT_CASES
+    if args.case:
+        ids = {c.id for c in AUDIT_CASES}
+        unknown = sorted(set(args.case) - ids)
+        if unknown:
+            print(
+                f"normkit audit: unknown case(s) {unknown}; see `normkit.audit.AUDIT_CASES`", file=sys.stderr
+            )
+            return 2
+        cases = tuple(c for c in AUDIT_CASES if c.id in args.case)
+    interactive = sys.stderr.isatty()
+
+    def progress(message: str) -> None:
+        if interactive:
+            print(f"\r\033[K{message[:120]}", end="", file=sys.stderr, flush=True)
+        elif "running in a subprocess" in message or message.split(": ", 1)[-1].startswith("1/"):
+            print(message, file=sys.stderr, flush=True)
+
+    report = run_audit(adapters, cases, progress=progress)
+    if interactive:
+        print("\r\033[K", end="", file=sys.stderr)
+    print(to_markdown(report) if args.markdown else to_text(report))
+    if args.json:
+        with open(args.json, "w") as file:
+            file.write(to_json(report))
+        print(f"\nresults written to {args.json}")
+    return 0
+
+
 def _rounds(text: str) -> int:
     value = int(text)
     if value < 2:
@@ -238,6 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time `import normkit` and each op's first call in a fresh process (warm numba cache)",
     )
     bench.set_defaults(run=cmd_bench)
+    audit = commands.add_parser(
+        "audit",
+        help="the conformance cases against the frameworks' own layers (torch.nn, Keras, Flax, onnxruntime, ...)",
+        description="Run the conformance cases against every installed native implementation through "
+        "its adapter (normkit.audit), and print the matrix of cases by implementations with each "
+        "cell's error against the float64 reference and its tolerance, and the preset each "
+        "implementation's own defaults match. See docs/audit.md.",
+    )
+    audit.add_argument(
+        "--implementation",
+        action="append",
+        metavar="NAME",
+        help="audit only this implementation (repeatable)",
+    )
+    audit.add_argument("--case", action="append", metavar="ID", help="play only this case (repeatable)")
+    audit.add_argument(
+        "--json", default=None, help="also write every result (with reasons) to this JSON file"
+    )
+    audit.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    audit.set_defaults(run=cmd_audit)
     return parser
 
 
@@ -248,7 +314,7 @@ QUIET_TENSORFLOW = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("check", "bench"):
+    if args.command in ("check", "bench", "audit"):
         for name, value in QUIET_TENSORFLOW.items():
             os.environ.setdefault(name, value)
     try:
