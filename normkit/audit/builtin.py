@@ -24,13 +24,4 @@ ADAPTER_MODULES = (
 
 def builtin_adapters() -> list[Adapter]:
     """Every built-in adapter, installed or not (:meth:`Adapter.missing` says which)."""
-    found: list[Adapter] = []
-    for name in ADAPTER_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:
-                raise
-            continue
-        found.extend(module.adapters())
-    return found
+    return [adapter for name in ADAPTER_MODULES for adapter in importlib.import_module(name).adapters()]
