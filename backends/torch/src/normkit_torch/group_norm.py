@@ -30,16 +30,27 @@ memory layout. This path is slower than ATen's one-pass kernel: it reads full-si
 times and writes it three times (``d``, ``d²`` and ``y``), where ATen reads twice and writes
 once; measured 2.5-3.7x ATen's time on ``(8, 512, 64, 64)`` float32 with 2 CPU threads, mostly
 the first touch of the two fresh temporaries. It is accurate where ATen's is not.
+
+**Under export** (:mod:`normkit_torch.capture`) neither is written as it stands: under
+``torch.export`` (the dynamo ONNX exporter) ``torch.group_norm`` would become ONNX
+``GroupNormalization`` at opset >= 21, which onnxruntime computes one-pass (NaN at mean 1e4), and
+the two-pass path is a dozen ops. There :func:`instance_norm_group_norm` writes instance norm
+over the ``(N, G, -1)`` view and the affine (``Reshape``, ``InstanceNormalization``,
+``Reshape``, ``Mul``, ``Add`` in ONNX). Under the TorchScript ONNX exporter ``torch.group_norm``
+is called with the channels on dimension 1, whatever the memory layout: its symbolic writes
+that same form.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from normkit_torch.kernels import compute_dtype
+from normkit_torch import capture
+from normkit_torch.kernels import compute_dtype, moved
 from normkit_torch.statistics import centered, grouped_axes, split_groups
 
-__all__ = ["aten_is_accurate", "group_norm", "strides_like_channels_last"]
+__all__ = ["aten_is_accurate", "group_norm", "instance_norm_group_norm", "strides_like_channels_last"]
 
 Tensor = torch.Tensor
 
@@ -99,6 +110,38 @@ def two_pass_group_norm(
     return y.flatten(axis, axis + 1).to(x.dtype)
 
 
+def instance_norm_group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int
+) -> Tensor:
+    """Group norm as ATen's instance norm over the ``(N, G, -1)`` view (channels moved to
+    dimension 1 first), then the per-channel affine, in the compute dtype: the form written
+    under ``torch.export`` (see the module docstring). Instance norm's ATen kernel is
+    channels-first and two-pass-accurate; the reshape copies channels-last input."""
+    cdt = compute_dtype(x)
+    xc = x.to(cdt) if axis == 1 else moved(x.to(cdt), (axis,), (1,))
+    y = F.instance_norm(xc.reshape(xc.shape[0], num_groups, -1), eps=eps).reshape(xc.shape)
+    shape = [1] * xc.dim()
+    shape[1] = xc.shape[1]
+    if weight is not None:
+        y = y * weight.to(cdt).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(cdt).reshape(shape)
+    y = y.to(x.dtype)
+    return y if axis == 1 else moved(y, (1,), (axis,))
+
+
+def _aten_group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """``torch.group_norm`` with γ and β in the compute dtype (channels on dimension 1)."""
+    cdt = compute_dtype(x)
+    if weight is not None and weight.dtype != cdt:
+        weight = weight.to(cdt)
+    if bias is not None and bias.dtype != cdt:
+        bias = bias.to(cdt)
+    return torch.group_norm(x, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+
+
 def group_norm(
     x: Tensor,
     num_groups: int,
@@ -111,12 +154,14 @@ def group_norm(
     ``torch.group_norm`` where :func:`aten_is_accurate`, :func:`two_pass_group_norm` elsewhere.
 
     ATen gets γ and β in the compute dtype (float32 beside float16/bfloat16 input: its mixed-type
-    path, which applies them in float32)."""
+    path, which applies them in float32). Under export, :func:`instance_norm_group_norm` or ATen
+    on any layout (the module docstring)."""
+    if capture.torch_exporting():
+        return instance_norm_group_norm(x, num_groups, weight, bias, eps, axis)
+    if capture.jit_tracing() and capture.in_onnx_export():
+        xc = x if axis == 1 else moved(x, (axis,), (1,))
+        y = _aten_group_norm(xc, num_groups, weight, bias, eps)
+        return y if axis == 1 else moved(y, (1,), (axis,))
     if not aten_is_accurate(x, axis):
         return two_pass_group_norm(x, num_groups, weight, bias, eps, axis)
-    cdt = compute_dtype(x)
-    if weight is not None and weight.dtype != cdt:
-        weight = weight.to(cdt)
-    if bias is not None and bias.dtype != cdt:
-        bias = bias.to(cdt)
-    return torch.group_norm(x, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+    return _aten_group_norm(x, num_groups, weight, bias, eps)

@@ -18,6 +18,12 @@ device, and is differentiable with respect to ``x``, ``weight`` and ``bias``.
 * **Layer norm** is ``F.layer_norm`` over the trailing axes; other axes are moved to the end as
   a view first and back afterwards.
 
+Axes are moved by ``permute`` with explicit non-negative dimensions (:func:`moved`), which
+exports to ONNX as it is. While a graph is captured for export (:mod:`normkit_torch.capture`),
+instance norm without running statistics to update is ATen's ``instance_norm`` (ONNX
+``InstanceNormalization``), and a call that would update running statistics is refused under
+the dynamo ONNX exporter.
+
 The spec-v2 kernels live beside this module: the primitives ``moments`` and ``normalize`` in
 :mod:`normkit_torch.statistics`, group norm in :mod:`normkit_torch.group_norm` (ATen's kernel on
 channels-first memory only) and RMS norm in :mod:`normkit_torch.rms_norm`.
@@ -40,6 +46,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from normkit_torch import capture
 
 __all__ = ["batch_norm", "compute_dtype", "instance_norm", "layer_norm"]
 
@@ -73,6 +81,19 @@ def _cudnn() -> bool:
     return torch.backends.cudnn.enabled
 
 
+def moved(x: Tensor, source: tuple[int, ...], destination: tuple[int, ...]) -> Tensor:
+    """``x.movedim(source, destination)``, as a ``permute`` with explicit non-negative dimensions.
+
+    The dimensions not in ``source`` keep their order in the places ``destination`` leaves free.
+    The TorchScript ONNX exporter writes the permutation of a traced ``movedim`` as given, so
+    ``movedim(-1, 1)`` becomes ``Transpose(perm=[0, -1, 1, 2])``, which onnxruntime refuses to
+    load; a ``permute`` by this list exports as it is, under either exporter."""
+    ndim = x.dim()
+    placed = {d % ndim: s % ndim for s, d in zip(source, destination, strict=True)}
+    rest = iter([d for d in range(ndim) if d not in placed.values()])
+    return x.permute([placed[i] if i in placed else next(rest) for i in range(ndim)])
+
+
 def _channels_at_1(x: Tensor, axis: int) -> tuple[Tensor, tuple[int, ...] | None]:
     """A view of ``x`` with its channel axis at dimension 1, and how to undo it.
 
@@ -84,7 +105,7 @@ def _channels_at_1(x: Tensor, axis: int) -> tuple[Tensor, tuple[int, ...] | None
         return x, None
     if axis == x.dim() - 1 and x.is_contiguous():
         return x.view(-1, x.shape[-1]), tuple(x.shape)
-    return x.movedim(axis, 1), None
+    return moved(x, (axis,), (1,)), None
 
 
 def _restore(y: Tensor, axis: int, original_shape: tuple[int, ...] | None) -> Tensor:
@@ -92,7 +113,7 @@ def _restore(y: Tensor, axis: int, original_shape: tuple[int, ...] | None) -> Te
         return y
     if original_shape is not None:
         return y.view(original_shape)
-    return y.movedim(1, axis)
+    return moved(y, (1,), (axis,))
 
 
 def _copy(t: Tensor, dtype: torch.dtype, times: int) -> Tensor:
@@ -200,6 +221,8 @@ def batch_norm(
         y = torch.batch_norm(view, weight, bias, None, None, True, 0.0, eps, _cudnn())
         return _restore(y, axis, original_shape), running_mean, running_var
     n = x.numel() // x.shape[axis]
+    if running_mean is not None:
+        capture.check_no_update("batch norm")
     y, new_mean, new_var = _normalize_and_update(
         view, weight, bias, running_mean, running_var, momentum, eps, unbiased_running_var, n
     )
@@ -222,8 +245,15 @@ def instance_norm(
     if not use_input_stats or x.numel() == 0:
         return batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, axis, False)
     weight, bias = _parameters(x, weight, bias, x.shape[axis], running_mean is not None)
-    view = x if axis == 1 else x.movedim(axis, 1)
+    view = x if axis == 1 else moved(x, (axis,), (1,))
     batch, channels = view.shape[0], view.shape[1]
+    n = x.numel() // (batch * channels)
+    if running_mean is not None:
+        capture.check_no_update("instance norm")
+    elif n > 1 and (capture.torch_exporting() or capture.jit_tracing()):
+        # exported as InstanceNormalization (normkit_torch.capture)
+        y = torch.instance_norm(view, weight, bias, None, None, True, 0.0, eps, _cudnn())
+        return (y if axis == 1 else moved(y, (1,), (axis,))), None, None
     flat = view.contiguous().view(1, batch * channels, *view.shape[2:])  # as ATen's instance_norm
     y, new_mean, new_var = _normalize_and_update(
         flat,
@@ -234,11 +264,11 @@ def instance_norm(
         momentum,
         eps,
         unbiased_running_var,
-        x.numel() // (batch * channels),
+        n,
         instances=batch,
     )
     y = y.view(view.shape)
-    return (y if axis == 1 else y.movedim(1, axis)), new_mean, new_var
+    return (y if axis == 1 else moved(y, (1,), (axis,))), new_mean, new_var
 
 
 def layer_norm(
@@ -259,8 +289,12 @@ def layer_norm(
         weight, bias = weight.to(pdt), bias.to(pdt)
     ndim, k = x.dim(), len(axes)
     trailing = tuple(range(ndim - k, ndim))
-    if tuple(axes) == trailing:
-        return F.layer_norm(x, x.shape[ndim - k :], weight, bias, eps)
-    moved = x.movedim(axes, trailing)
-    y = F.layer_norm(moved, moved.shape[ndim - k :], weight, bias, eps)
-    return y.movedim(trailing, axes)
+    xt = x if tuple(axes) == trailing else moved(x, axes, trailing)
+    shape = xt.shape[ndim - k :]
+    if capture.jit_tracing():
+        # the TorchScript exporter needs normalized_shape constant, and a traced size of an
+        # input with dynamic axes is not: the parameters' shape, or plain ints
+        given = weight if weight is not None else bias
+        shape = given.shape if given is not None else tuple(int(d) for d in shape)
+    y = F.layer_norm(xt, shape, weight, bias, eps)
+    return y if xt is x else moved(y, trailing, axes)

@@ -33,7 +33,8 @@ Tools that recognise layers by exact type or trace them symbolically do not know
 classes: ``torch.fx.symbolic_trace`` (the forward branches on the input's shape),
 ``torch.jit.script`` and ``torch.ao.quantization.fuse_modules`` reject them, and
 ``SyncBatchNorm.convert_sync_batchnorm`` turns them into plain ``SyncBatchNorm`` (PyTorch's
-conventions: the preset is lost). ``torch.compile`` and ``torch.export`` work.
+conventions: the preset is lost). ``torch.compile``, ``torch.export`` and ``torch.onnx.export``
+work (:mod:`normkit_torch.capture`).
 
 ``GroupNorm`` and ``RMSNorm`` (spec version 2) follow the same design. ``GroupNorm`` is
 bit-for-bit ``torch.nn.GroupNorm`` on channels-first memory (both run ATen's kernel there); on

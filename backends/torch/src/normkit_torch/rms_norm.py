@@ -12,7 +12,8 @@ weight in float32, and rounds to the input dtype once: the spec's ``cast_before_
 with offset 0. It is used for exactly that, with the normalized axes moved to the end as a view:
 without a weight, or with offset 0, the cast after the weight (or float32/float64 input, where
 the two orders agree) and a weight of the input's dtype (for another dtype ATen warns once and
-falls back to the same composite).
+falls back to the same composite). Under ``torch.jit.trace`` (the TorchScript ONNX exporter,
+which cannot export ``aten::rms_norm``) the operations are written out, as below.
 
 Everything else computes the same sequence of operations itself: upcast, ``square().mean()``
 over ``axes`` (a sum of squares in the compute dtype; there is no mean to subtract, so no
@@ -32,7 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from normkit_torch.kernels import compute_dtype
+from normkit_torch import capture
+from normkit_torch.kernels import compute_dtype, moved
 
 __all__ = ["rms_norm"]
 
@@ -63,10 +65,11 @@ def rms_norm(
     ndim, k = x.dim(), len(axes)
     trailing = tuple(range(ndim - k, ndim))
     axes = tuple(axes)
-    if _aten_computes_it(x, weight, weight_offset, cast_before_weight):
-        moved = x if axes == trailing else x.movedim(axes, trailing)
-        y = F.rms_norm(moved, moved.shape[ndim - k :], weight, eps)
-        return y if axes == trailing else y.movedim(trailing, axes)
+    # the TorchScript ONNX exporter has no symbolic for aten::rms_norm (normkit_torch.capture)
+    if _aten_computes_it(x, weight, weight_offset, cast_before_weight) and not capture.jit_tracing():
+        xt = x if axes == trailing else moved(x, axes, trailing)
+        y = F.rms_norm(xt, xt.shape[ndim - k :], weight, eps)
+        return y if axes == trailing else moved(y, trailing, axes)
     cdt = compute_dtype(x)
     xc = x.to(cdt)
     xhat = xc * torch.rsqrt(xc.square().mean(axes, keepdim=True) + eps)
