@@ -230,3 +230,17 @@ def test_cli_json_and_markdown(tmp_path: Any) -> None:
     assert implementation["name"] == "torch.nn"
     assert {r["case"] for r in implementation["results"]} == {"ln-basic-f32", "gn-offset-1e4-channels-last"}
     assert implementation["presets"]["layer_norm"] == ["torch", "onnx"]  # eps 1e-5 over trailing axes
+
+
+def test_the_docs_show_the_recorded_run() -> None:
+    """docs/audit.md's tables are what the recorded run (bench/results/cpu-audit.json) renders."""
+    from pathlib import Path
+
+    from normkit.audit.report import read_json, to_markdown
+
+    root = Path(__file__).resolve().parents[1]
+    recorded = read_json((root / "bench" / "results" / "cpu-audit.json").read_text())
+    page = (root / "docs" / "audit.md").read_text()
+    begin, end = "<!-- recorded audit: begin -->\n", "\n<!-- recorded audit: end -->"
+    shown = page[page.index(begin) + len(begin) : page.index(end)]
+    assert shown.strip() == to_markdown(recorded, failures=False).strip()

@@ -9,10 +9,11 @@ import sys
 from typing import Any
 
 import normkit
-from normkit.audit.run import AuditReport, report_to_json
+from normkit.audit.run import AUDIT_CASES, AuditReport, report_from_json, report_to_json
+from normkit.testing.cases import get_case
 from normkit.testing.runner import CaseResult
 
-__all__ = ["cell", "to_json", "to_markdown", "to_text"]
+__all__ = ["cell", "read_json", "to_json", "to_markdown", "to_text"]
 
 LEGEND = (
     "each cell: pass or FAIL, then the error against the float64 reference at the value nearest its\n"
@@ -96,7 +97,8 @@ def _emitted(report: AuditReport) -> tuple[list[str], list[list[str]]]:
 def _failure_lines(report: AuditReport) -> list[str]:
     lines = []
     for name, result in report.failures:
-        lines.append(f"{name} / {result.case.id}: {result.failures[0]}")
+        values = [f for f in result.failures if "outside tolerance" in f]
+        lines.append(f"{name} / {result.case.id}: {(values or result.failures)[0]}")
     for r in report.implementations:
         if r.error:
             lines.append(f"{r.name}: could not be audited: {r.error}")
@@ -146,15 +148,16 @@ def to_text(report: AuditReport) -> str:
         parts += ["", "ONNX operators in the exported models", _table(header, rows)]
     failures = _failure_lines(report)
     if failures:
-        parts += ["", "failures (first finding of each cell):", *failures]
+        parts += ["", "failures (of each cell: the first wrong value, or else its first finding):", *failures]
     if report.missing:
         parts += ["", "not installed (not audited):"]
         parts += [f"  {name}: needs {', '.join(modules)}" for name, modules in report.missing.items()]
     return "\n".join(parts)
 
 
-def to_markdown(report: AuditReport) -> str:
-    """The report as Markdown (the matrix in ``docs/audit.md`` comes from this)."""
+def to_markdown(report: AuditReport, *, failures: bool = True) -> str:
+    """The report as Markdown (the tables of ``docs/audit.md`` are this, without ``failures``:
+    the page describes each failure instead)."""
     parts = [f"{_summary(report)}.", "", f"Versions: {_versions(report)}."]
     for group in _column_groups(report):
         parts += ["", _markdown_table(*_rows(report, group))]
@@ -169,9 +172,11 @@ def to_markdown(report: AuditReport) -> str:
     header, rows = _emitted(report)
     if rows:
         parts += ["", "ONNX operators in the exported models:", "", _markdown_table(header, rows)]
-    failures = _failure_lines(report)
-    if failures:
-        parts += ["", "Failures (first finding of each cell):", ""] + [f"- {line}" for line in failures]
+    lines = _failure_lines(report) if failures else []
+    if lines:
+        parts += ["", "Failures (of each cell: the first wrong value, or else its first finding):", ""] + [
+            f"- {line}" for line in lines
+        ]
     if report.missing:
         parts += [
             "",
@@ -194,3 +199,12 @@ def to_json(report: AuditReport) -> str:
         "missing": report.missing,
     }
     return json.dumps(data, indent=1)
+
+
+def read_json(text: str) -> AuditReport:
+    """The report that :func:`to_json` wrote (a recorded run, to render again)."""
+    data = json.loads(text)
+    known = {case.id for case in AUDIT_CASES}
+    cases = tuple(get_case(c["id"]) for c in data["cases"] if c["id"] in known)
+    implementations = [report_from_json(i) for i in data["implementations"]]
+    return AuditReport(implementations, data["missing"], cases, data["seconds"])

@@ -157,7 +157,12 @@ def _result_to_json(result: CaseResult) -> dict[str, Any]:
 
 def _result_from_json(data: dict[str, Any], name: str) -> CaseResult:
     result = CaseResult(
-        get_case(data["case"]), name, None, skipped=data["skipped"], failures=data["failures"]
+        get_case(data["case"]),
+        name,
+        None,
+        skipped=data["skipped"],
+        failures=data["failures"],
+        notes=data.get("notes", []),
     )
     for key in ("worst_error", "worst_tolerance", "max_abs_error", "max_rel_error"):
         setattr(result, key, float(data[key]))

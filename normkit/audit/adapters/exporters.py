@@ -34,6 +34,7 @@ __all__ = ["EXPORT_CASES", "KerasExport", "TorchExport", "adapters"]
 EXPORT_CASES = (
     "bn-eval-after-train",
     "bn-channels-last",
+    "bn-keras-preset-ema",
     "bn-keras-preset-offset-1e4",
     "in-basic-f32",
     "ln-basic-f32",

@@ -117,6 +117,8 @@ class _Graph:
         elif c.op == "instance_norm":
             if c.track_running_stats:
                 raise Unsupported("InstanceNormalization has no running statistics")
+            if opset < 22 and c.dtype == "bfloat16":
+                raise Unsupported("InstanceNormalization-6 has no bfloat16 (added in version 22)")
             names = [
                 "X",
                 constant("scale", weight.astype(self._x_dtype())),
