@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-FRAMEWORKS = ("torch", "tensorflow", "cupy", "jax")
+FRAMEWORKS = ("torch", "tensorflow", "cupy", "jax", "onnx", "onnxruntime")
 INSTALLED = [name for name in FRAMEWORKS if importlib.util.find_spec(name) is not None]
 
 CODE = """
@@ -34,7 +34,7 @@ print(",".join(name for name in {frameworks!r} if name in sys.modules) or "none"
 
 @pytest.mark.skipif(
     not INSTALLED,
-    reason="none of torch, tensorflow, cupy, jax is installed here; the core tox env installs them",
+    reason="none of torch, tensorflow, cupy, jax, onnx, onnxruntime is installed here; the core tox env installs them",
 )
 def test_numpy_work_imports_no_framework() -> None:
     process = subprocess.run(
@@ -51,7 +51,11 @@ def test_numpy_work_imports_no_framework() -> None:
 
 def test_import_normkit_imports_neither_frameworks_nor_the_testing_tools() -> None:
     code = "import sys, normkit; print(sorted(m for m in sys.modules if m.split('.')[0] in {}))"
-    heavy = (*FRAMEWORKS, "pytest", "hypothesis", "ml_dtypes", "matplotlib", "safetensors")
+    heavy = (
+        *FRAMEWORKS,
+        *("keras", "flax", "mlx", "equinox", "onnxscript", "tf2onnx", "numba", "mpi4py"),
+        *("pytest", "hypothesis", "ml_dtypes", "matplotlib", "safetensors"),
+    )
     process = subprocess.run(
         [sys.executable, "-c", code.format(heavy)], capture_output=True, text=True, timeout=60
     )
