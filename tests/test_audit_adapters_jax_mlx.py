@@ -249,7 +249,7 @@ def test_flax_conforms_at_mean_zero(name: str, config: Config) -> None:
 @pytest.mark.parametrize(
     ("config", "reason"),
     [
-        (BN_UNBIASED, "biased batch variance only"),
+        (BN_UNBIASED, "biased running variance only"),
         (BN_CUMULATIVE, "no cumulative average"),
         (IN_TRACKED, "no running statistics"),
         (RMS_OFFSET, "no weight offset"),

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["OPS", "Adapter", "Config", "Layer", "Unsupported"]
+__all__ = ["OPS", "Adapter", "Config", "Layer", "Unsupported", "refuse_fixed_choices"]
 
 OPS = ("batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm", "moments")
 """The operations an adapter may implement (the conformance suite's layer ops and ``moments``)."""
@@ -108,6 +108,26 @@ class Config:
         """Whether ``axes`` are the last ones (what ``torch.nn.LayerNorm`` can express)."""
         n = len(self.shape)
         return self.axes == tuple(range(n - len(self.axes), n))
+
+
+def refuse_fixed_choices(config: Config, layers: str, *, running_var: str) -> None:
+    """Raise :class:`Unsupported` for the choices most frameworks' layers fix: batch norm's
+    running-variance estimator (``running_var``, ``"biased"`` or ``"unbiased"``) and its
+    exponential average (no cumulative one), and RMS norm without a weight offset that rounds
+    after the weight. ``layers`` names the framework in the message. Nothing is refused for
+    ``native_defaults``."""
+    if config.native_defaults:
+        return
+    if config.op == "batch_norm" and config.track_running_stats:
+        if config.momentum is None:
+            raise Unsupported(f"{layers} BatchNorm has no cumulative average (momentum=None)")
+        if config.unbiased != (running_var == "unbiased"):
+            raise Unsupported(f"{layers} BatchNorm stores the {running_var} running variance only")
+    if config.op == "rms_norm":
+        if config.weight_offset:
+            raise Unsupported(f"{layers} RMSNorm has no weight offset")
+        if config.cast_before_weight and config.affine and config.dtype in ("float16", "bfloat16"):
+            raise Unsupported(f"{layers} RMSNorm rounds after the weight")
 
 
 class Layer(Protocol):

@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from normkit.audit.adapter import Adapter, Config, Unsupported
+from normkit.audit.adapter import Adapter, Config, Unsupported, refuse_fixed_choices
 from normkit.audit.adapters.jax_nn import axes_last, axes_restored, precision
 
 __all__ = ["EquinoxLayer", "adapters"]
@@ -63,18 +63,7 @@ _TRAINED_STEPS = 2**30
 
 
 def _check(config: Config) -> None:
-    if config.native_defaults:
-        return
-    if config.op == "batch_norm" and config.track_running_stats:
-        if config.momentum is None:
-            raise Unsupported("equinox BatchNorm has no cumulative average (momentum=None)")
-        if config.unbiased:
-            raise Unsupported("equinox BatchNorm stores the biased batch variance only")
-    if config.op == "rms_norm":
-        if config.weight_offset:
-            raise Unsupported("equinox RMSNorm has no weight offset")
-        if config.cast_before_weight and config.affine and config.dtype in ("float16", "bfloat16"):
-            raise Unsupported("equinox RMSNorm rounds after the weight")
+    refuse_fixed_choices(config, "equinox", running_var="biased")
 
 
 class _Layer:

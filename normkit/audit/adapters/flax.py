@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from normkit.audit.adapter import Adapter, Config, Unsupported
+from normkit.audit.adapter import Adapter, Config, Unsupported, refuse_fixed_choices
 from normkit.audit.adapters.jax_nn import precision
 
 __all__ = ["FlaxLayer", "adapters"]
@@ -59,16 +59,7 @@ def _check(config: Config) -> None:
         return
     if config.op == "instance_norm" and config.axis == 0:
         raise Unsupported("flax InstanceNorm takes the batch on axis 0")
-    if config.op == "batch_norm" and config.track_running_stats:
-        if config.momentum is None:
-            raise Unsupported("flax BatchNorm has no cumulative average (momentum=None)")
-        if config.unbiased:
-            raise Unsupported("flax BatchNorm stores the biased batch variance only")
-    if config.op == "rms_norm":
-        if config.weight_offset:
-            raise Unsupported("flax RMSNorm has no weight offset")
-        if config.cast_before_weight and config.affine and config.dtype in ("float16", "bfloat16"):
-            raise Unsupported("flax RMSNorm rounds after the weight")
+    refuse_fixed_choices(config, "flax", running_var="biased")
 
 
 def _options(config: Config) -> tuple[dict[str, Any], int | None]:

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from normkit.audit.adapter import Adapter, Config, Unsupported
+from normkit.audit.adapter import Adapter, Config, Unsupported, refuse_fixed_choices
 
 __all__ = ["MLXLayer", "adapters"]
 
@@ -57,18 +57,7 @@ def _check(config: Config) -> None:
         raise Unsupported(f"mlx.nn.InstanceNorm takes input of at least 3 dimensions; got {len(c.shape)}")
     if c.op == "instance_norm" and c.track_running_stats:
         raise Unsupported("mlx.nn.InstanceNorm keeps no running statistics")
-    if c.native_defaults:
-        return
-    if c.op == "batch_norm" and c.track_running_stats:
-        if c.momentum is None:
-            raise Unsupported("mlx.nn.BatchNorm has no cumulative average (momentum=None)")
-        if not c.unbiased:
-            raise Unsupported("mlx.nn.BatchNorm stores the unbiased running variance only")
-    if c.op == "rms_norm":
-        if c.weight_offset:
-            raise Unsupported("mlx.nn.RMSNorm has no weight offset")
-        if c.cast_before_weight and c.affine and c.dtype in _HALF:
-            raise Unsupported("mlx.fast.rms_norm applies the weight before rounding")
+    refuse_fixed_choices(c, "mlx.nn", running_var="unbiased")
 
 
 def _array(value: np.ndarray) -> Any:
