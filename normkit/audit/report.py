@@ -135,7 +135,9 @@ def _summary(report: AuditReport) -> str:
 
 def to_text(report: AuditReport) -> str:
     """The report for a terminal."""
-    parts = [_summary(report), f"versions: {_versions(report)}", LEGEND, "", _table(*_rows(report))]
+    parts = [_summary(report), f"versions: {_versions(report)}", LEGEND]
+    for group in _column_groups(report):  # a terminal's width: five implementations a table
+        parts += ["", _table(*_rows(report, group))]
     header, rows = _presets(report)
     if rows:
         parts += [
