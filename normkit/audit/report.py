@@ -18,8 +18,10 @@ __all__ = ["cell", "read_json", "to_json", "to_markdown", "to_text"]
 LEGEND = (
     "each cell: pass or FAIL, then the error against the float64 reference at the value nearest its\n"
     "tolerance / that tolerance (derived from the dtype's epsilon and the case's conditioning, as in\n"
-    "`normkit check`); 'raised' when the implementation raised; n/a when it cannot express the case's\n"
-    "configuration (the reason is in --json); blank when it has no such op."
+    "`normkit check`); FAIL raised: the implementation raised; FAIL dtype: the output's dtype is not\n"
+    "the input's; FAIL order: half-precision RMS norm rounds in the other order; n/a: the\n"
+    "implementation cannot express the case's configuration (the reason is in --json); blank: it\n"
+    "has no such op. See docs/audit.md."
 )
 
 
