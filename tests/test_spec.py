@@ -81,5 +81,5 @@ def test_cases_have_stable_unique_ids_and_a_purpose() -> None:
     assert len(CASE_IDS) == len(CASES)
     for case in CASES:
         assert (
-            re.fullmatch(r"(bn|in|ln|gn|rms|moments|normalize|merge)-[a-z0-9-]+", case.id) and case.purpose
+            re.fullmatch(r"(bn|in|ln|gn|rms|moments|normalize|merge)-[a-z0-9.-]+", case.id) and case.purpose
         ), case.id
