@@ -133,12 +133,18 @@ def instance_norm_group_norm(
 def _aten_group_norm(
     x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
-    """``torch.group_norm`` with γ and β in the compute dtype (channels on dimension 1)."""
+    """``torch.group_norm`` with γ and β in the compute dtype (channels on dimension 1).
+
+    ATen's mixed-type path (float16/bfloat16 input, float32 γ and β) exists on the CPU only; on
+    another device the input is upcast and the result rounded once, which is the same math."""
     cdt = compute_dtype(x)
     if weight is not None and weight.dtype != cdt:
         weight = weight.to(cdt)
     if bias is not None and bias.dtype != cdt:
         bias = bias.to(cdt)
+    if x.dtype != cdt and not x.is_cpu and (weight is not None or bias is not None):
+        y = torch.group_norm(x.to(cdt), num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+        return y.to(x.dtype)
     return torch.group_norm(x, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
 
 

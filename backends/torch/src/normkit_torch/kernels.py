@@ -279,7 +279,9 @@ def layer_norm(
     eps: float,
 ) -> Tensor:
     """The spec's layer norm (:func:`normkit.hookspecs.normkit_layer_norm`) on ATen's
-    ``F.layer_norm``; γ and β go in x's dtype, or float32 beside float16/bfloat16 input."""
+    ``F.layer_norm``; γ and β go in x's dtype, or float32 beside float16/bfloat16 input (on a
+    GPU, whose kernel takes one dtype, the input is upcast to float32 and the output rounded
+    once)."""
     pdt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     if weight is not None and weight.dtype not in (x.dtype, pdt):
         weight = weight.to(pdt)
@@ -296,5 +298,12 @@ def layer_norm(
         # input with dynamic axes is not: the parameters' shape, or plain ints
         given = weight if weight is not None else bias
         shape = given.shape if given is not None else tuple(int(d) for d in shape)
-    y = F.layer_norm(xt, shape, weight, bias, eps)
+    if not x.is_cpu and any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
+        # ATen's mixed-type layer norm (half input, float32 γ and β) exists on the CPU only:
+        # elsewhere upcast, normalize and round once, the same math
+        weight = None if weight is None else weight.to(pdt)
+        bias = None if bias is None else bias.to(pdt)
+        y = F.layer_norm(xt.to(pdt), shape, weight, bias, eps).to(x.dtype)
+    else:
+        y = F.layer_norm(xt, shape, weight, bias, eps)
     return y if xt is x else moved(y, trailing, axes)
