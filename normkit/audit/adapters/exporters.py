@@ -27,6 +27,7 @@ import numpy as np
 
 from normkit.audit.adapter import Adapter, Config, Unsupported
 from normkit.audit.adapters.keras import KerasLayers
+from normkit.audit.adapters.keras import _Layer as _KerasLayer
 from normkit.audit.adapters.torch_nn import TorchNN, _tensor
 
 __all__ = ["EXPORT_CASES", "KerasExport", "TorchExport", "adapters"]
@@ -180,11 +181,15 @@ class TorchExport(Adapter):
         return _Exported(self, inner, config)
 
 
-class _KerasExported:
+class _KerasExported(_KerasLayer):
+    """Keras's layer in a one-layer model: training calls run in Keras (through
+    :class:`~normkit.audit.adapters.keras._Layer`), eval calls through the exported model."""
+
     def __init__(self, layer: Any, config: Config, opset: int | None) -> None:
         import keras
 
-        self.layer, self.config, self.opset = layer, config, opset
+        super().__init__(layer, config)
+        self.opset = opset
         self.model = keras.Sequential([keras.Input(config.shape[1:], batch_size=config.shape[0]), layer])
         self.emitted: set[str] = set()
 
@@ -192,11 +197,7 @@ class _KerasExported:
         import keras
 
         if training and self.config.op == "batch_norm":  # an inference export: training runs in Keras
-            return np.asarray(
-                keras.ops.convert_to_numpy(
-                    self.layer(keras.ops.convert_to_tensor(np.array(x)), training=True)
-                )
-            )
+            return super().__call__(x, training)
         self.model(
             keras.ops.convert_to_tensor(np.array(x)), training=False
         )  # Keras exports called models only
@@ -207,12 +208,6 @@ class _KerasExported:
                 data = file.read()
         self.emitted |= _operators(data)
         return _onnxruntime(data, np.ascontiguousarray(x))
-
-    def running_stats(self) -> dict[str, np.ndarray]:
-        return {
-            "running_mean": np.asarray(self.layer.moving_mean.numpy()),
-            "running_var": np.asarray(self.layer.moving_variance.numpy()),
-        }
 
 
 class KerasExport(KerasLayers):

@@ -65,12 +65,11 @@ class KerasLayers(Adapter):
     """Keras's layers on one Keras backend."""
 
     ops = ("batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm", "moments")
-    requires = ("keras",)
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
         self.name = f"keras ({backend})"
-        self.requires = ("keras", {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend])
+        self.requires = ("keras", backend)  # the backend's framework has the backend's name
         environment = {"KERAS_BACKEND": backend}
         if backend == "jax":
             environment["JAX_ENABLE_X64"] = "1"
