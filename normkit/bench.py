@@ -28,11 +28,12 @@ normkit/floor, and the median per-round difference normkit - native in microseco
 validation add to each call. The spread of the floor's times (interquartile range / median) is
 reported as the machine's noise. These are measurements, never assertions.
 
-Some workloads carry *targets* (:class:`Target`, :data:`ISSUE_12_TARGETS`): a limit on one of
-those ratios for one backend's rows, which each row reports as met or missed. The floor writes
-into a preallocated array, so workloads with ``with_out=True`` also time the NumPy backend's
-compiled kernels writing into a preallocated ``out=`` (row ``numpy-out``), the row that the
-floor target is for.
+Workloads carry *targets* (:class:`Target`; :data:`ISSUE_12_TARGETS`, :data:`ISSUE_17_TARGETS`,
+:data:`MODULE_TARGETS`): a limit on one of those ratios, or on the microseconds a layer adds per
+call, for one backend's rows, which each row reports as met or missed. The floor writes into a
+preallocated array, so workloads with ``with_out=True`` also time the NumPy backend's compiled
+kernels writing into a preallocated ``out=`` (row ``numpy-out``), the row that the floor target
+is for.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ from normkit._registry import load_backend
 
 __all__ = [
     "ISSUE_12_TARGETS",
+    "ISSUE_17_TARGETS",
     "LEGEND",
+    "MODULE_TARGETS",
     "WORKLOADS",
     "BenchResult",
     "Target",
@@ -78,23 +81,32 @@ __all__ = [
 @dataclass(frozen=True)
 class Target:
     """A goal for the rows of one backend variant: the median per-round ratio of its time to a
-    yardstick (``"native"`` or ``"floor"``) at most ``limit``."""
+    yardstick (``"native"`` or ``"floor"``) at most ``limit``, or (yardstick ``"added"``) the
+    median per-round difference to the native at most ``limit`` microseconds per call."""
 
     variant: str
     """The row's backend column: ``numpy`` (compiled kernels), ``numpy-out`` (compiled, with
     ``out=``), ``numpy-pure``, ``torch``, ..."""
     yardstick: str
-    """``"native"`` (the ``x native`` column) or ``"floor"`` (the ``x floor`` column)."""
+    """``"native"`` (the ``x native`` column), ``"floor"`` (the ``x floor`` column) or ``"added"``
+    (the ``+µs/call`` column)."""
     limit: float
     native: str | None = None
-    """For a ``"native"`` target: the native it is against (``"torch"``: PyTorch's ATen op)."""
+    """For a ``"native"`` or ``"added"`` target: the native it is against (``"torch"``: PyTorch's
+    ATen op, ``"torch.nn"``: its module, ``"keras"``: Keras's layer, ``"flax"``: Flax's)."""
     torch_threads: int | None = None
     """The number of PyTorch threads the target is stated for; a run with another number
     reports the target as not applicable instead of met or missed."""
     source: str = ""
+    modes: tuple[str, ...] = ("train", "eval")
+    """The modes whose rows the target holds (the floor target is for training)."""
 
-    def applies_to(self, variant: str, native: str | None) -> bool:
-        return self.variant == variant and (self.yardstick == "floor" or self.native == native)
+    def applies_to(self, variant: str, native: str | None, mode: str = "train") -> bool:
+        return (
+            self.variant == variant
+            and mode in self.modes
+            and (self.yardstick == "floor" or self.native == native)
+        )
 
 
 ISSUE_12_TARGETS: tuple[Target, ...] = (
@@ -106,6 +118,26 @@ ISSUE_12_TARGETS: tuple[Target, ...] = (
     Target("torch", "native", 1.05, native="torch", source="issue 12"),
 )
 """Issue 12's "Must show" for the group norm and RMS norm workloads, in one place."""
+
+ISSUE_17_TARGETS: tuple[Target, ...] = (
+    # the compiled NumPy backend at most 1.0x torch's native CPU op (2 threads), train and eval ...
+    Target("numpy", "native", 1.0, native="torch", torch_threads=2, source="issue 17"),
+    # ... and at most 1.3x the bandwidth floor with out= on every training workload
+    Target("numpy-out", "floor", 1.3, source="issue 17", modes=("train",)),
+    # the JAX backend in jit at most 1.05x Flax's layer with use_fast_variance=False
+    Target("jax", "native", 1.05, native="flax", source="issue 17"),
+)
+"""Issue 17's "Must show" for the functional workloads."""
+
+MODULE_TARGETS: tuple[Target, ...] = (
+    # the drop-in torch.nn layers add at most 2 us per call over their namesakes, train and eval
+    Target("torch", "added", 2.0, native="torch.nn", source="issue 17"),
+    # the Keras layers the same over Keras's own, in eager calls
+    Target("tensorflow", "added", 2.0, native="keras", source="issue 17"),
+)
+"""Issue 17's per-call bound for the layers, on the tiny module workloads."""
+
+_TORCH_OP = (Target("torch", "native", 1.05, native="torch", source="issue 12"),)
 
 
 @dataclass(frozen=True)
@@ -141,9 +173,11 @@ class Workload:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        """``("train", "eval")`` for the ops with running statistics; ``("train",)`` for the
-        others, which compute the same thing in both."""
-        return ("train", "eval") if self.op in ("batch_norm", "instance_norm") else ("train",)
+        """``("train", "eval")`` for the ops with running statistics and for every layer (a
+        layer's eval call runs under ``torch.no_grad()`` or ``training=False``: another path);
+        ``("train",)`` for the other functional ops, which compute the same thing in both."""
+        stateful = self.op in ("batch_norm", "instance_norm")
+        return ("train", "eval") if stateful or self.module else ("train",)
 
     @property
     def channels(self) -> int:
@@ -156,40 +190,34 @@ class Workload:
         return self.shape[-1] if self.op in ("layer_norm", "rms_norm") else self.channels
 
 
+_FUNCTIONAL = {"with_out": True, "targets": ISSUE_17_TARGETS}
+_SPEC_2 = {"with_out": True, "targets": ISSUE_17_TARGETS + _TORCH_OP}
+_TINY_MODULE = {"repeats": 100, "module": True, "targets": MODULE_TARGETS}
+
 WORKLOADS: tuple[Workload, ...] = (
-    Workload("bn2d-nchw", "batch_norm", (32, 64, 56, 56)),
-    Workload("bn2d-nchw-256", "batch_norm", (8, 256, 28, 28)),
-    Workload("bn2d-nhwc", "batch_norm", (32, 56, 56, 64), axis=-1),
-    Workload("bn1d", "batch_norm", (4096, 1024)),
-    Workload("ln-768", "layer_norm", (64, 512, 768), axis=-1),
-    Workload("ln-1024", "layer_norm", (4096, 1024), axis=-1),
-    Workload("in2d", "instance_norm", (16, 64, 64, 64)),
-    Workload("bn2d-nchw-f64", "batch_norm", (32, 64, 56, 56), dtype="float64"),
-    Workload("ln-1024-f64", "layer_norm", (4096, 1024), dtype="float64", axis=-1),
-    Workload("tiny", "batch_norm", (2, 4), repeats=200),
-    Workload("bn2d-module-tiny", "batch_norm", (2, 8, 8, 8), repeats=100, module=True),
+    Workload("bn2d-nchw", "batch_norm", (32, 64, 56, 56), **_FUNCTIONAL),
+    Workload("bn2d-nchw-256", "batch_norm", (8, 256, 28, 28), **_FUNCTIONAL),
+    Workload("bn2d-nhwc", "batch_norm", (32, 56, 56, 64), axis=-1, **_FUNCTIONAL),
+    Workload("bn1d", "batch_norm", (4096, 1024), **_FUNCTIONAL),
+    Workload("ln-768", "layer_norm", (64, 512, 768), axis=-1, **_FUNCTIONAL),
+    Workload("ln-1024", "layer_norm", (4096, 1024), axis=-1, **_FUNCTIONAL),
+    Workload("in2d", "instance_norm", (16, 64, 64, 64), **_FUNCTIONAL),
+    Workload("bn2d-nchw-f64", "batch_norm", (32, 64, 56, 56), dtype="float64", **_FUNCTIONAL),
+    Workload("ln-1024-f64", "layer_norm", (4096, 1024), dtype="float64", axis=-1, **_FUNCTIONAL),
+    Workload("tiny", "batch_norm", (2, 4), repeats=200, targets=ISSUE_17_TARGETS),
+    Workload("bn2d-module-tiny", "batch_norm", (2, 8, 8, 8), **_TINY_MODULE),
     Workload("bn2d-module", "batch_norm", (8, 256, 28, 28), module=True),
-    Workload("in2d-module-tiny", "instance_norm", (2, 8, 8, 8), repeats=100, module=True),
+    Workload("in2d-module-tiny", "instance_norm", (2, 8, 8, 8), **_TINY_MODULE),
     Workload("in2d-module", "instance_norm", (16, 64, 64, 64), module=True),
-    Workload("ln-module-tiny", "layer_norm", (2, 8, 8), axis=-1, repeats=100, module=True),
+    Workload("ln-module-tiny", "layer_norm", (2, 8, 8), axis=-1, **_TINY_MODULE),
     Workload("ln-module", "layer_norm", (64, 512, 768), axis=-1, module=True),
-    Workload(
-        "gn-nchw", "group_norm", (32, 256, 28, 28), num_groups=32, with_out=True, targets=ISSUE_12_TARGETS
-    ),
-    Workload(
-        "gn-nhwc",
-        "group_norm",
-        (8, 64, 64, 512),
-        axis=-1,
-        num_groups=32,
-        with_out=True,
-        targets=ISSUE_12_TARGETS,
-    ),
-    Workload("rms-4096", "rms_norm", (4096, 4096), axis=-1, with_out=True, targets=ISSUE_12_TARGETS),
-    Workload("rms-768", "rms_norm", (64, 512, 768), axis=-1, with_out=True, targets=ISSUE_12_TARGETS),
-    Workload("gn-module-tiny", "group_norm", (2, 8, 8, 8), num_groups=4, repeats=100, module=True),
+    Workload("gn-nchw", "group_norm", (32, 256, 28, 28), num_groups=32, **_SPEC_2),
+    Workload("gn-nhwc", "group_norm", (8, 64, 64, 512), axis=-1, num_groups=32, **_SPEC_2),
+    Workload("rms-4096", "rms_norm", (4096, 4096), axis=-1, **_SPEC_2),
+    Workload("rms-768", "rms_norm", (64, 512, 768), axis=-1, **_SPEC_2),
+    Workload("gn-module-tiny", "group_norm", (2, 8, 8, 8), num_groups=4, **_TINY_MODULE),
     Workload("gn-module", "group_norm", (8, 256, 28, 28), num_groups=32, module=True),
-    Workload("rms-module-tiny", "rms_norm", (2, 8, 8), axis=-1, repeats=100, module=True),
+    Workload("rms-module-tiny", "rms_norm", (2, 8, 8), axis=-1, **_TINY_MODULE),
     Workload("rms-module", "rms_norm", (64, 512, 768), axis=-1, module=True),
 )
 """Every workload ``normkit bench`` knows, by name (``--workload NAME``)."""
@@ -251,7 +279,7 @@ def _normkit_op(
     workload: Workload, mode: str, backend: str, params: dict[str, Any], out: Any = None
 ) -> Callable[[Any], Any]:
     """The normkit op of the workload as a function of its input (writing into ``out``, when
-    given: group and RMS norm only)."""
+    given)."""
     training = mode == "train"
     if workload.op == "group_norm":
         return lambda x: normkit.group_norm(
@@ -262,20 +290,19 @@ def _normkit_op(
         return lambda x: normkit.rms_norm(
             x, params["weight"], axis=workload.axis, eps=baselines.EPS, backend=backend, out=out
         )
-    if out is not None:
-        raise ValueError(f"workload {workload.name!r}: out= is timed for group_norm and rms_norm only")
+    into = {} if out is None else {"out": out}  # the backends without out= never get the keyword
     if workload.op == "layer_norm":
         return lambda x: normkit.layer_norm(
-            x, workload.shape[-1], params["weight"], params["bias"], backend=backend
+            x, workload.shape[-1], params["weight"], params["bias"], backend=backend, **into
         )
     if workload.op == "batch_norm":
         return lambda x: normkit.batch_norm(
             x, params["running_mean"], params["running_var"], params["weight"], params["bias"],
-            training=training, axis=workload.axis, backend=backend,
+            training=training, axis=workload.axis, backend=backend, **into,
         )  # fmt: skip
     return lambda x: normkit.instance_norm(
         x, params["running_mean"], params["running_var"], params["weight"], params["bias"],
-        use_input_stats=training, axis=workload.axis, backend=backend,
+        use_input_stats=training, axis=workload.axis, backend=backend, **into,
     )  # fmt: skip
 
 
@@ -413,9 +440,13 @@ def judge_targets(targets: tuple[Target, ...], result: BenchResult) -> list[dict
     threads, or the row has no such ratio)."""
     judged = []
     for target in targets:
-        if not target.applies_to(result.backend, result.native):
+        if not target.applies_to(result.backend, result.native, result.mode):
             continue
-        ratio = result.ratio_to_floor if target.yardstick == "floor" else result.ratio_to_native
+        ratio = {
+            "floor": result.ratio_to_floor,
+            "native": result.ratio_to_native,
+            "added": result.overhead_us,
+        }[target.yardstick]
         threads = result.extra.get("torch_threads")
         applicable = ratio is not None and target.torch_threads in (None, threads)
         judged.append({
@@ -432,7 +463,12 @@ def judge_targets(targets: tuple[Target, ...], result: BenchResult) -> list[dict
 def target_misses(results: list[BenchResult]) -> str | None:
     """A line naming every row that missed a target, with its ratio and the limit, if any."""
     misses = [
-        f"{r.workload} {r.mode} on {r.backend}: x {t['yardstick']} {t['ratio']:.2f} > {t['limit']:.2f}"
+        f"{r.workload} {r.mode} on {r.backend}: "
+        + (
+            f"+{t['ratio']:.1f} µs/call > {t['limit']:.1f}"
+            if t["yardstick"] == "added"
+            else f"x {t['yardstick']} {t['ratio']:.2f} > {t['limit']:.2f}"
+        )
         + (f" ({t['source']})" if t["source"] else "")
         for r in results
         for t in r.targets
@@ -500,8 +536,8 @@ x native   median of the per-round ratios normkit / native (below 1: normkit is 
 x floor    median of the per-round ratios normkit / floor
 +µs/call   median per-round difference normkit - native, per call (the tiny rows: normkit's overhead)
 noise      spread of the floor's times in this run (interquartile range / median)
-target     (some workloads) the most that row's x native or x floor may be, from the issue named in
-           the JSON: ✓ met, ✗ missed, n/a where the run differs from the target's conditions
+target     the most that row's x native or x floor (or +µs/call: "+µs") may be, from the issue named
+           in the JSON: ✓ met, ✗ missed, n/a where the run differs from the target's conditions
            (PyTorch's thread count); backend numpy-out = compiled NumPy kernels with out="""
 
 
@@ -555,6 +591,8 @@ def format_target(target: dict[str, Any]) -> str:
     if verdict is None:
         threads = target.get("torch_threads")
         verdict = f"n/a (stated for {threads} torch threads)" if threads else "n/a"
+    if target["yardstick"] == "added":
+        return f"+µs ≤ {target['limit']:.1f} {verdict}"
     return f"{target['yardstick']} ≤ {target['limit']:.2f} {verdict}"
 
 
@@ -664,16 +702,23 @@ def _python(code: str, *flags: str) -> subprocess.CompletedProcess:
     )
 
 
+def _import_ms(code: str) -> float:
+    """The cumulative milliseconds of normkit's line in ``python -X importtime -c code``."""
+    lines = _python(code, "-X", "importtime").stderr.splitlines()
+    line = next(line for line in lines if line.rstrip().endswith("| normkit"))
+    return int(line.split("|")[1]) / 1e3
+
+
 def measure_startup(runs: int = 5) -> dict[str, Any]:
     """What a new process pays: ``python -X importtime -c "import normkit"`` (cumulative
     milliseconds of normkit's line, median of ``runs``), the heavy modules that import brings
-    in (none is the goal), and the first call of each of :data:`FIRST_CALLS` in a fresh process
+    in (none is the goal), what it adds to a process that has imported NumPy already (``import
+    numpy; import normkit``: issue 17's bound is 30 ms), and the first call of each of :data:`FIRST_CALLS` in a fresh process
     with a warm numba cache (each is run once first to fill the cache; median of ``runs``)."""
-    import_ms = []
+    import_ms, added_ms = [], []
     for _ in range(runs):
-        lines = _python("import normkit", "-X", "importtime").stderr.splitlines()
-        line = next(line for line in lines if line.rstrip().endswith("| normkit"))
-        import_ms.append(int(line.split("|")[1]) / 1e3)
+        import_ms.append(_import_ms("import normkit"))
+        added_ms.append(_import_ms("import numpy; import normkit"))  # numpy is already loaded
     listing = "import sys, normkit; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
     loaded = set(_python(listing).stdout.split())
     first_call_s = {}
@@ -686,6 +731,8 @@ def measure_startup(runs: int = 5) -> dict[str, Any]:
     return {
         "import_normkit_ms": statistics.median(import_ms),
         "import_normkit_ms_runs": import_ms,
+        "import_normkit_after_numpy_ms": statistics.median(added_ms),
+        "import_normkit_after_numpy_ms_runs": added_ms,
         "heavy_modules_imported": sorted(loaded.intersection(HEAVY_MODULES)),
         "numpy_kernels": numpy_backend.planned_kernels(),
         "first_call_s": first_call_s,
@@ -695,8 +742,17 @@ def measure_startup(runs: int = 5) -> dict[str, Any]:
 def format_startup(startup: dict[str, Any]) -> str:
     """The startup measurements as lines of text."""
     runs = ", ".join(f"{ms:.0f}" for ms in startup["import_normkit_ms_runs"])
+    added = startup.get("import_normkit_after_numpy_ms_runs")
     lines = [
         f"import normkit: {startup['import_normkit_ms']:.0f} ms cumulative (python -X importtime; runs: {runs})",
+    ]
+    if added:
+        lines.append(
+            f"import normkit after import numpy: {startup['import_normkit_after_numpy_ms']:.0f} ms (runs: "
+            + ", ".join(f"{ms:.0f}" for ms in added)
+            + ")"
+        )
+    lines += [
         f"modules it imports among {', '.join(HEAVY_MODULES)}: {', '.join(startup['heavy_modules_imported']) or 'none'}",
         f"first call in a fresh process, warm cache, NumPy kernels {startup['numpy_kernels']}:",
     ]

@@ -87,7 +87,8 @@ def test_bench_reports_batch_norm_against_torch_and_the_floor(
     )
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("bn2d-nchw")]
-    variants = ["numpy", "numpy-pure"] if importlib.util.find_spec("numba") else ["numpy-pure"]
+    # compiled kernels, compiled writing into out=, pure NumPy
+    variants = ["numpy", "numpy-out", "numpy-pure"] if importlib.util.find_spec("numba") else ["numpy-pure"]
     assert [(row[3], row[4]) for row in rows] == [(m, v) for m in ("train", "eval") for v in variants]
     assert all(row[6] == "ms" and row[9] == "(torch)" for row in rows)  # times carry their unit
     assert "x floor    median of the per-round ratios normkit / floor" in out  # the legend

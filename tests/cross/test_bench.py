@@ -77,7 +77,11 @@ def test_the_new_workloads_are_issue_12s() -> None:
     for name in ("gn-nchw", "gn-nhwc", "rms-4096", "rms-768"):
         w = by_name[name]
         assert w.dtype == "float32" and w.modes == ("train",) and w.with_out
-        assert w.targets == bench.ISSUE_12_TARGETS
+        # issue 17's targets (compiled NumPy, out=, JAX) and issue 12's for the torch backend
+        assert w.targets[: len(bench.ISSUE_17_TARGETS)] == bench.ISSUE_17_TARGETS
+        assert [
+            (t.variant, t.yardstick, t.limit, t.source) for t in w.targets[len(bench.ISSUE_17_TARGETS) :]
+        ] == [("torch", "native", 1.05, "issue 12")]
     assert {w.name for w in bench.WORKLOADS if w.module and w.op in NEW_OPS} == {
         "gn-module",
         "gn-module-tiny",
@@ -281,7 +285,7 @@ def test_every_implementation_timed_on_the_new_workloads_computes_the_op(
                 []
                 if not baselines.has_modules(backend)
                 else [bench.NORMKIT + backend, bench.NATIVE + ("torch.nn" if backend == "torch" else "keras")]
-            )
+            ) * len(workload.modes)  # a layer is timed in training and in eval
         else:
             natives = _natives_of(backend, workload)
             expected = [bench.NORMKIT + m for m in mine] + [bench.NATIVE + n for n in natives]
@@ -406,6 +410,68 @@ def test_targets_are_judged_against_the_issues_limits() -> None:
         "gn-nchw train on numpy-out: x floor 1.31 > 1.30 (issue 12); "
         "gn-nchw train on torch: x native 1.06 > 1.05 (issue 12)"
     )
+
+
+def test_issue_17s_targets_cover_every_workload_and_layer() -> None:
+    """Every functional workload is held to compiled NumPy <= 1.0x torch and (the large ones,
+    timed with out=) <= 1.3x the floor in training, and JAX <= 1.05x Flax; every tiny layer
+    workload to +2 us per call over the framework's own layer, in training and eval."""
+    for w in bench.WORKLOADS:
+        variants = {(t.variant, t.yardstick, t.limit, t.native) for t in w.targets}
+        if w.module:
+            assert w.modes == ("train", "eval")
+            expected = {("torch", "added", 2.0, "torch.nn"), ("tensorflow", "added", 2.0, "keras")}
+            assert variants == (expected if w.name.endswith("-tiny") else set())
+            continue
+        assert {("numpy", "native", 1.0, "torch"), ("jax", "native", 1.05, "flax")} <= variants
+        assert ("numpy-out", "floor", 1.3, None) in variants
+        assert w.with_out == (w.name != "tiny")  # tiny has no numpy-out row: it measures the per-call cost
+    floor = next(t for t in bench.ISSUE_17_TARGETS if t.yardstick == "floor")
+    assert floor.applies_to("numpy-out", None, "train") and not floor.applies_to("numpy-out", None, "eval")
+
+
+def test_the_added_microseconds_are_judged_and_shown() -> None:
+    rows = [
+        _row("torch", "torch.nn", 1.1, 9.0),
+        _row("torch", "torch.nn", 1.5, 9.0),
+        _row("jax", "flax", 1.06, 2.0),
+    ]
+    rows[0].overhead_us, rows[1].overhead_us = 2.0, 2.6
+    rows[1].mode = "eval"
+    for row in rows:
+        row.targets = bench.judge_targets(bench.MODULE_TARGETS + bench.ISSUE_17_TARGETS, row)
+    assert [[(t["yardstick"], t["ratio"], t["met"]) for t in row.targets] for row in rows] == [
+        [("added", 2.0, True)],
+        [("added", 2.6, False)],
+        [("native", 1.06, False)],
+    ]
+    cells = [line.rsplit("  ", 1)[-1].strip() for line in bench.format_table(rows).splitlines()[1:]]
+    assert cells == ["+µs ≤ 2.0 ✓", "+µs ≤ 2.0 ✗", "native ≤ 1.05 ✗"]
+    assert bench.target_misses(rows) == (
+        "targets missed in 2 row(s): gn-nchw eval on torch: +2.6 µs/call > 2.0 (issue 17); "
+        "gn-nchw train on jax: x native 1.06 > 1.05 (issue 17)"
+    )
+
+
+def test_the_numpy_out_row_of_batch_norm_writes_into_one_array(monkeypatch: pytest.MonkeyPatch) -> None:
+    outputs: list[Any] = []
+    original = bench._time_interleaved
+
+    def spy(calls: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1) -> dict[str, list[float]]:
+        if bench.NORMKIT + "numpy-out" in calls:
+            outputs.extend(calls[bench.NORMKIT + "numpy-out"]() for _ in range(2))
+        return original(calls, rounds, 1)
+
+    monkeypatch.setattr(bench, "_time_interleaved", spy)
+    workload = dataclasses.replace(
+        next(w for w in bench.WORKLOADS if w.name == "bn2d-nhwc"), shape=(3, 4, 4, 8)
+    )
+    results = bench.run_bench(["numpy"], (workload,), rounds=2)
+    y_train, y_again = outputs[0][0], outputs[1][0]  # batch norm returns (y, running_mean, running_var)
+    assert y_train is y_again and isinstance(y_train, np.ndarray)
+    by_mode = {(r.mode, r.backend): r.targets for r in results}
+    assert [t["yardstick"] for t in by_mode["train", "numpy-out"]] == ["floor"]
+    assert by_mode["eval", "numpy-out"] == []  # the floor target is for training
 
 
 def test_tables_without_targets_keep_their_columns() -> None:
