@@ -63,5 +63,5 @@ step() {  # step NAME SECONDS COMMAND...: run under a time limit, log it, note t
 step cupy-tests 170 bash -c "cd backends/cupy && $python -m pytest -q -p no:cacheprovider -rfE --normkit-xfails xfails.txt tests"
 step torch-cuda-tests 150 bash -c "cd backends/torch && $python -m pytest -q -p no:cacheprovider -rfE --normkit-device cuda --normkit-xfails xfails.txt tests/test_conformance.py"
 step check 60 "$python" -m normkit check --backend cupy --backend numpy
-step bench 110 "$python" -m normkit bench --backend cupy --rounds 8 --json "$out/bench.json"
+step bench 110 "$python" -m normkit bench --backend cupy --rounds 20 --json "$out/bench.json"
 note "done in $SECONDS s"

@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from normkit_cupy.plans import plan_reduction
+
 __all__ = [
     "astype",
     "batch_norm",
@@ -60,20 +62,39 @@ __all__ = [
 Array = Any
 
 
+def _bound_by_an_array(kernel: str, *typed: Array) -> None:
+    """Refuse a call whose compute-dtype arguments are all scalars: CuPy binds a kernel's type
+    ``S`` from its array arguments only, and raises ``KeyError: 'S'`` on the GPU otherwise. The
+    stand-in checks it so that the CPU tests catch it."""
+    if not any(isinstance(t, np.ndarray) for t in typed):
+        raise TypeError(f"{kernel}: no array argument binds the compute dtype S (only scalars)")
+
+
 class _NumPyOps:
     """The passes in NumPy (the stand-in for CuPy on a machine without a GPU), each written as the
-    CUDA expression of :class:`_CuPyOps` it stands for."""
+    CUDA expression of :class:`_CuPyOps` it stands for. Scalars are NumPy scalars of the compute
+    dtype, as the CUDA kernels receive them."""
 
     xp = np
 
     @staticmethod
-    def shifted_mean(x: Array, s: Array, axes: tuple[int, ...]) -> Array:
-        return (x.astype(s.dtype) - s).mean(axis=axes, keepdims=True)
+    def sum_dev(x: Array, s: Array, n: Array, axes: tuple[int, ...]) -> Array:
+        """``sum(x - s) / n`` over ``axes`` (not kept)."""
+        _bound_by_an_array("sum_dev", s, n)
+        return (x.astype(s.dtype) - s).sum(axis=axes) / n
 
     @staticmethod
-    def shifted_var(x: Array, s: Array, m: Array, axes: tuple[int, ...]) -> Array:
+    def sum_sq(x: Array, s: Array, m: Array, n: Array, axes: tuple[int, ...]) -> Array:
+        """``sum((x - s - m)^2) / n`` over ``axes`` (not kept)."""
+        _bound_by_an_array("sum_sq", s, m, n)
         d = x.astype(s.dtype) - s - m
-        return (d * d).mean(axis=axes, keepdims=True)
+        return (d * d).sum(axis=axes) / n
+
+    @staticmethod
+    def sum(p: Array, n: Array, axes: tuple[int, ...]) -> Array:
+        """``sum(p) / n`` over ``axes``: the second stage."""
+        _bound_by_an_array("sum", p, n)
+        return p.sum(axis=axes) / n
 
     # NumPy evaluates both branches of ``keep ? term : 0`` and then drops the masked terms, which
     # may overflow on whatever a masked position holds; the CUDA kernel never evaluates them.
@@ -95,6 +116,24 @@ class _NumPyOps:
         return ((x.astype(s.dtype) - s - m) * r * g + b).astype(x.dtype)
 
     @staticmethod
+    def standardize(x: Array, s: Array, m: Array, v: Array, eps: Array, g: Array, b: Array) -> Array:
+        """:meth:`normalize` with ``r = 1 / sqrt(v + eps)`` computed in the same kernel."""
+        _bound_by_an_array("standardize", s, m, v, eps, g, b)
+        r = s.dtype.type(1) / np.sqrt(v + eps)
+        return ((x.astype(s.dtype) - s - m) * r * g + b).astype(x.dtype)
+
+    @staticmethod
+    def running_update(
+        s: Array, m: Array, v: Array, unbias: Array, momentum: float, rm: Array, rv: Array
+    ) -> tuple[Array, Array]:
+        """``(1 - momentum) r + momentum b`` in float64 for the mean ``s + m`` and the variance
+        ``v * unbias``, rounded to the running statistics' dtype."""
+        keep = 1.0 - momentum
+        new_mean = keep * rm.astype(np.float64) + momentum * (s + m).astype(np.float64)
+        new_var = keep * rv.astype(np.float64) + momentum * (v * unbias).astype(np.float64)
+        return new_mean.astype(rm.dtype), new_var.astype(rv.dtype)
+
+    @staticmethod
     def scale_cast_first(x: Array, r: Array, w: Array) -> Array:
         return ((x.astype(r.dtype) * r).astype(x.dtype).astype(r.dtype) * w).astype(x.dtype)
 
@@ -106,19 +145,19 @@ class _CuPyOps:
         import cupy
 
         self.xp = cupy
-        mean = "y = a / (_in_ind.size() / _out_ind.size())"
-        self._mean = cupy.ReductionKernel(
-            "T x, S s", "S y", "S(x) - s", "a + b", mean, "0", "normkit_shifted_mean"
+        self._sum_dev = cupy.ReductionKernel(
+            "T x, S s, S n", "S y", "S(x) - s", "a + b", "y = a / n", "0", "normkit_sum_dev"
         )
-        self._var = cupy.ReductionKernel(
-            "T x, S s, S m",
+        self._sum_sq = cupy.ReductionKernel(
+            "T x, S s, S m, S n",
             "S y",
             "(S(x) - s - m) * (S(x) - s - m)",
             "a + b",
-            mean,
+            "y = a / n",
             "0",
-            "normkit_shifted_var",
+            "normkit_sum_sq",
         )
+        self._sum = cupy.ReductionKernel("S p, S n", "S y", "p", "a + b", "y = a / n", "0", "normkit_sum")
         self._masked_sum = cupy.ReductionKernel(
             "T x, bool keep, S s",
             "S y",
@@ -140,15 +179,33 @@ class _CuPyOps:
         self._normalize = cupy.ElementwiseKernel(
             "T x, S s, S m, S r, S g, S b", "T y", "y = T((S(x) - s - m) * r * g + b)", "normkit_normalize"
         )
+        self._standardize = cupy.ElementwiseKernel(
+            "T x, S s, S m, S v, S eps, S g, S b",
+            "T y",
+            "y = T((S(x) - s - m) * (S(1) / sqrt(v + eps)) * g + b)",
+            "normkit_standardize",
+        )
+        self._running_update = cupy.ElementwiseKernel(
+            "S s, S m, S v, S unbias, float64 momentum, R rm, R rv",
+            "R new_mean, R new_var",
+            """
+            new_mean = R((1.0 - momentum) * double(rm) + momentum * double(S(s + m)));
+            new_var = R((1.0 - momentum) * double(rv) + momentum * double(S(v * unbias)));
+            """,
+            "normkit_running_update",
+        )
         self._scale_cast_first = cupy.ElementwiseKernel(
             "T x, S r, S w", "T y", "y = T(S(T(S(x) * r)) * w)", "normkit_scale_cast_first"
         )
 
-    def shifted_mean(self, x: Array, s: Array, axes: tuple[int, ...]) -> Array:
-        return self._mean(x, s, axis=axes, keepdims=True)
+    def sum_dev(self, x: Array, s: Array, n: Array, axes: tuple[int, ...]) -> Array:
+        return self._sum_dev(x, s, n, axis=axes)
 
-    def shifted_var(self, x: Array, s: Array, m: Array, axes: tuple[int, ...]) -> Array:
-        return self._var(x, s, m, axis=axes, keepdims=True)
+    def sum_sq(self, x: Array, s: Array, m: Array, n: Array, axes: tuple[int, ...]) -> Array:
+        return self._sum_sq(x, s, m, n, axis=axes)
+
+    def sum(self, p: Array, n: Array, axes: tuple[int, ...]) -> Array:
+        return self._sum(p, n, axis=axes)
 
     def masked_sum(self, x: Array, keep: Array, s: Array, axes: tuple[int, ...]) -> Array:
         return self._masked_sum(x, keep, s, axis=axes, keepdims=True)
@@ -159,43 +216,55 @@ class _CuPyOps:
     def normalize(self, x: Array, s: Array, m: Array, r: Array, g: Array, b: Array) -> Array:
         return self._normalize(x, s, m, r, g, b)
 
+    def standardize(self, x: Array, s: Array, m: Array, v: Array, eps: Array, g: Array, b: Array) -> Array:
+        return self._standardize(x, s, m, v, eps, g, b)
+
+    def running_update(
+        self, s: Array, m: Array, v: Array, unbias: Array, momentum: float, rm: Array, rv: Array
+    ) -> tuple[Array, Array]:
+        return self._running_update(s, m, v, unbias, momentum, rm, rv)
+
     def scale_cast_first(self, x: Array, r: Array, w: Array) -> Array:
         return self._scale_cast_first(x, r, w)
 
 
 _CUPY_OPS: _CuPyOps | None = None
+_NUMPY_OPS = _NumPyOps()
 
 
 def _ops(x: Array) -> _NumPyOps | _CuPyOps:
     """CuPy's kernels for a CuPy array, NumPy's expressions for a NumPy array."""
     global _CUPY_OPS
+    if isinstance(x, np.ndarray):
+        return _NUMPY_OPS
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(x, cupy.ndarray):
         if _CUPY_OPS is None:
             _CUPY_OPS = _CuPyOps()
         return _CUPY_OPS
-    return _NumPyOps()
+    return _NUMPY_OPS
 
 
 def _compute_dtype(x: Array) -> np.dtype:
     return np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
 
 
-def _param(xp: Any, value: Array | None, shape: list[int], dtype: np.dtype, fill: float) -> Array:
+def _param(value: Array | None, shape: list[int], dtype: np.dtype, fill: float) -> Array:
+    """A weight, bias or running statistic in the compute dtype, shaped to broadcast (a view where
+    it has that dtype already), or ``fill`` as a scalar of that dtype (no transfer to the GPU)."""
     if value is None:
-        return xp.asarray(fill, dtype=dtype)
+        return dtype.type(fill)
     return value.astype(dtype, copy=False).reshape(shape)
-
-
-def _updated(xp: Any, old: Array, batch: Array, momentum: float) -> Array:
-    """``(1 - m) * old + m * batch`` in float64 (``C`` values), in ``old``'s dtype."""
-    new = (1.0 - momentum) * old.astype(xp.float64) + momentum * batch.astype(xp.float64)
-    return new.astype(old.dtype)
 
 
 def _first(ndim: int, axes: tuple[int, ...]) -> tuple[slice, ...]:
     """The index of each group's first value, keeping the reduced axes (as size 1)."""
     return tuple(slice(0, 1) if a in axes else slice(None) for a in range(ndim))
+
+
+def _shift(x: Array, axes: tuple[int, ...], cdt: np.dtype) -> Array:
+    """Each group's first value in the compute dtype, C-contiguous (reduced axes of size 1)."""
+    return x[_first(x.ndim, axes)].astype(cdt, order="C")
 
 
 def _split(shape: tuple[int, ...], axis: int, groups: int) -> tuple[int, ...]:
@@ -207,6 +276,52 @@ def _split(shape: tuple[int, ...], axis: int, groups: int) -> tuple[int, ...]:
 def _after_split(axis: int, split_axis: int) -> int:
     """Where axis ``axis`` lands once axis ``split_axis`` is split in two."""
     return axis if axis <= split_axis else axis + 1
+
+
+def _reduce(
+    ops: _NumPyOps | _CuPyOps,
+    x: Array,
+    axes: tuple[int, ...],
+    cdt: np.dtype,
+    s: Array,
+    m: Array | None = None,
+) -> Array:
+    r"""Per group, :math:`rac1n\sum (x - s)` (``m`` is ``None``) or
+    :math:`rac1n\sum (x - s - m)^2`, with ``s`` and ``m`` per group (reduced axes of size 1) or
+    scalars; the result keeps the reduced axes as size 1. Split into two stages where
+    :func:`normkit_cupy.plans.plan_reduction` finds the layout for it."""
+    keep_shape = tuple(1 if a in axes else size for a, size in enumerate(x.shape))
+    n = cdt.type(math.prod(x.shape[a] for a in axes))
+    plan = plan_reduction(x.shape, x.strides, x.itemsize, axes)
+    if plan is None or plan.stages == "single":
+        terms = (s,) if m is None else (s, m)
+        result = ops.sum_dev(x, s, n, axes) if m is None else ops.sum_sq(x, *terms, n, axes)
+        return result.reshape(keep_shape)
+    g, _, c, b = plan.view
+    view = x.transpose(plan.order).reshape(plan.view)
+
+    def terms(shape: tuple[int, ...]) -> tuple[Array, ...]:
+        per_group = (s,) if m is None else (s, m)
+        return tuple(t if np.ndim(t) == 0 else t.reshape(shape) for t in per_group)
+
+    def partial(data: Array, shape: tuple[int, ...], over: tuple[int, ...], divisor: Array) -> Array:
+        if m is None:
+            return ops.sum_dev(data, *terms(shape), divisor, over)
+        return ops.sum_sq(data, *terms(shape), divisor, over)
+
+    one = cdt.type(1)
+    if plan.stages == "runs":  # each run of B, then over a
+        total = ops.sum(partial(view, (g, 1, c, 1), (3,), one), n, (1,))
+    else:  # blocks of rows, then the blocks (and b); the rows after the last block apart
+        rows, blocks = plan.rows, plan.blocks
+        whole = view[:, : blocks * rows].reshape(g, blocks, rows, c, b)
+        parts = partial(whole, (g, 1, 1, c, 1), (2,), one)
+        if plan.tail:
+            tail = partial(view[:, blocks * rows :], (g, 1, c, 1), (1, 3), one)
+            total = (ops.sum(parts, one, (1, 3)) + tail) / n
+        else:
+            total = ops.sum(parts, n, (1, 3))
+    return total.reshape(keep_shape)
 
 
 def _channel_norm(
@@ -223,34 +338,40 @@ def _channel_norm(
     per_instance: bool,
 ) -> tuple[Array, Array | None, Array | None]:
     ops = _ops(x)
-    xp = ops.xp
     cdt = _compute_dtype(x)
     shape = [1] * x.ndim
     shape[axis] = x.shape[axis]
-    g, b = _param(xp, weight, shape, cdt, 1.0), _param(xp, bias, shape, cdt, 0.0)
-    zero = xp.asarray(0.0, dtype=cdt)
+    g, b = _param(weight, shape, cdt, 1.0), _param(bias, shape, cdt, 0.0)
+    zero, epsilon = cdt.type(0), cdt.type(eps)
     if not use_batch_stats:
-        s = _param(xp, running_mean, shape, cdt, 0.0)
-        r = 1.0 / xp.sqrt(_param(xp, running_var, shape, cdt, 1.0) + eps)
-        return ops.normalize(x, s, zero, r, g, b), running_mean, running_var
+        s = _param(running_mean, shape, cdt, 0.0)
+        v = _param(running_var, shape, cdt, 1.0)
+        return ops.standardize(x, s, zero, v, epsilon, g, b), running_mean, running_var
     axes = tuple(a for a in range(1 if per_instance else 0, x.ndim) if a != axis)
-    s = x[_first(x.ndim, axes)].astype(cdt)
-    m = ops.shifted_mean(x, s, axes)
-    var = ops.shifted_var(x, s, m, axes)
-    y = ops.normalize(x, s, m, 1.0 / xp.sqrt(var + eps), g, b)
+    s = _shift(x, axes, cdt)
+    m = _reduce(ops, x, axes, cdt, s)
+    var = _reduce(ops, x, axes, cdt, s, m)
+    y = ops.standardize(x, s, m, var, epsilon, g, b)
     if running_mean is None or running_var is None:
         return y, None, None
-    mean = s + m
-    if unbiased_running_var:
-        n = x.size // mean.size
-        var = var * (n / (n - 1))
-    if per_instance:
-        mean, var = mean.mean(axis=0), var.mean(axis=0)
-    return (
-        y,
-        _updated(xp, running_mean, mean.reshape(-1), momentum),
-        _updated(xp, running_var, var.reshape(-1), momentum),
+    n = x.size // m.size
+    unbias = cdt.type(n / (n - 1)) if unbiased_running_var else cdt.type(1)
+    if per_instance:  # the instances' statistics averaged, in the compute dtype
+        mean = (s + m).mean(axis=0).reshape(-1)
+        new_mean, new_var = ops.running_update(
+            mean,
+            zero,
+            (var * unbias).mean(axis=0).reshape(-1),
+            cdt.type(1),
+            momentum,
+            running_mean,
+            running_var,
+        )
+        return y, new_mean, new_var
+    new_mean, new_var = ops.running_update(
+        s.reshape(-1), m.reshape(-1), var.reshape(-1), unbias, momentum, running_mean, running_var
     )
+    return y, new_mean, new_var
 
 
 def _on_device_of(function: Any) -> Any:
@@ -318,15 +439,14 @@ def _layer_norm(
     x: Array, weight: Array | None, bias: Array | None, axes: tuple[int, ...], eps: float
 ) -> Array:
     ops = _ops(x)
-    xp = ops.xp
     cdt = _compute_dtype(x)
     axes = tuple(axes)
     shape = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
-    s = x[_first(x.ndim, axes)].astype(cdt)
-    m = ops.shifted_mean(x, s, axes)
-    var = ops.shifted_var(x, s, m, axes)
-    g, b = _param(xp, weight, shape, cdt, 1.0), _param(xp, bias, shape, cdt, 0.0)
-    return ops.normalize(x, s, m, 1.0 / xp.sqrt(var + eps), g, b)
+    s = _shift(x, axes, cdt)
+    m = _reduce(ops, x, axes, cdt, s)
+    var = _reduce(ops, x, axes, cdt, s, m)
+    g, b = _param(weight, shape, cdt, 1.0), _param(bias, shape, cdt, 0.0)
+    return ops.standardize(x, s, m, var, cdt.type(eps), g, b)
 
 
 def group_norm(
@@ -344,17 +464,16 @@ def _group_norm(
     x: Array, num_groups: int, weight: Array | None, bias: Array | None, eps: float, axis: int
 ) -> Array:
     ops = _ops(x)
-    xp = ops.xp
     cdt = _compute_dtype(x)
     xs = x.reshape(_split(x.shape, axis, num_groups))
     axes = tuple(a for a in range(1, xs.ndim) if a != axis)  # the block axis axis + 1 among them
-    s = xs[_first(xs.ndim, axes)].astype(cdt)
-    m = ops.shifted_mean(xs, s, axes)
-    var = ops.shifted_var(xs, s, m, axes)
+    s = _shift(xs, axes, cdt)
+    m = _reduce(ops, xs, axes, cdt, s)
+    var = _reduce(ops, xs, axes, cdt, s, m)
     shape = [1] * xs.ndim
     shape[axis], shape[axis + 1] = xs.shape[axis], xs.shape[axis + 1]
-    g, b = _param(xp, weight, shape, cdt, 1.0), _param(xp, bias, shape, cdt, 0.0)
-    return ops.normalize(xs, s, m, 1.0 / xp.sqrt(var + eps), g, b).reshape(x.shape)
+    g, b = _param(weight, shape, cdt, 1.0), _param(bias, shape, cdt, 0.0)
+    return ops.standardize(xs, s, m, var, cdt.type(eps), g, b).reshape(x.shape)
 
 
 def moments(
@@ -393,20 +512,20 @@ def _moments(
     if x.size == 0:  # every group is empty (n = 0), or there are none
         zeros = xp.zeros(kept_shape, dtype=cdt)
         return xp.zeros(kept_shape, dtype=xp.int64), zeros, zeros.copy()
-    first = _first(x.ndim, axes)
     if mask is None:
-        keep = xp.ones((1,) * x.ndim, dtype=bool)
+        s = _shift(x, axes, cdt)
+        d = _reduce(ops, x, axes, cdt, s)
+        m2 = _reduce(ops, x, axes, cdt, s, d) * cdt.type(n)
         count = xp.full(kept_shape, n, dtype=xp.int64)
-        divisor = xp.asarray(n, dtype=cdt)
-        s = x[first].astype(cdt)
-    else:
-        keep = xp.broadcast_to(mask, x.shape)
-        counts = keep.sum(axis=axes, keepdims=True, dtype=xp.int64)
-        count = counts.reshape(kept_shape)
-        divisor = xp.maximum(counts, 1).astype(cdt)  # an empty group's sums are 0: its mean is 0
-        # the first value where it counts, else 0 (then the plain two-pass): a masked value is
-        # selected away, never computed with
-        s = xp.where(keep[first], x[first].astype(cdt), xp.zeros((), dtype=cdt))
+        return count, (s + d).reshape(kept_shape), m2.reshape(kept_shape)
+    first = _first(x.ndim, axes)
+    keep = xp.broadcast_to(mask, x.shape)
+    counts = keep.sum(axis=axes, keepdims=True, dtype=xp.int64)
+    count = counts.reshape(kept_shape)
+    divisor = xp.maximum(counts, 1).astype(cdt)  # an empty group's sums are 0: its mean is 0
+    # the first value where it counts, else 0 (then the plain two-pass): a masked value is
+    # selected away, never computed with
+    s = xp.where(keep[first], x[first].astype(cdt), xp.zeros((), dtype=cdt))
     d = ops.masked_sum(x, keep, s, axes) / divisor
     m2 = ops.masked_square_sum(x, keep, s, d, axes)
     return count, (s + d).reshape(kept_shape), m2.reshape(kept_shape)
@@ -468,7 +587,7 @@ def _normalize(
         m = (mean.astype(wide).reshape(stat_shape) - s.astype(wide)).astype(cdt)
     var_wide = var.astype(np.promote_types(var.dtype, cdt))
     r = (1.0 / xp.sqrt(var_wide + eps)).astype(cdt).reshape(stat_shape)
-    g, b = _param(xp, weight, param_shape, cdt, 1.0), _param(xp, bias, param_shape, cdt, 0.0)
+    g, b = _param(weight, param_shape, cdt, 1.0), _param(bias, param_shape, cdt, 0.0)
     return ops.normalize(xs, s, m, r, g, b).reshape(x.shape)
 
 
@@ -500,18 +619,18 @@ def _rms_norm(
     xp = ops.xp
     cdt = _compute_dtype(x)
     axes = tuple(axes)
-    zero = xp.zeros((1,) * x.ndim, dtype=cdt)
-    keep = xp.ones((1,) * x.ndim, dtype=bool)
-    n = math.prod(x.shape[a] for a in axes)
-    mean_square = ops.masked_square_sum(x, keep, zero, zero, axes) / xp.asarray(n, dtype=cdt)
-    r = 1.0 / xp.sqrt(mean_square + eps)
+    # a 0-d array, not a scalar: a CUDA kernel's type S is bound by its array arguments, and
+    # the mean square's kernel has no other (the first GPU run of this path: KeyError 'S')
+    zero = xp.zeros((), dtype=cdt)
+    mean_square = _reduce(ops, x, axes, cdt, zero, zero)
     if weight is None:  # no weight: the offset is ignored, and there is one rounding
-        return ops.normalize(x, zero, zero, r, xp.ones((), dtype=cdt), zero)
+        return ops.standardize(x, zero, zero, mean_square, cdt.type(eps), cdt.type(1), zero)
     shape = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
-    w = weight.astype(cdt).reshape(shape) + weight_offset
+    w = weight.astype(cdt).reshape(shape) + cdt.type(weight_offset)
     if cast_before_weight and x.dtype != cdt:
+        r = cdt.type(1) / xp.sqrt(mean_square + cdt.type(eps))
         return ops.scale_cast_first(x, r, w)
-    return ops.normalize(x, zero, zero, r, w, zero)
+    return ops.standardize(x, zero, zero, mean_square, cdt.type(eps), w, zero)
 
 
 def astype(array: Array, dtype: str) -> Array:
