@@ -292,11 +292,9 @@ def test_every_implementation_timed_on_the_new_workloads_computes_the_op(
         assert sorted(label for name, label in checked if name == workload.name) == sorted(expected)
 
 
-def test_the_numpy_rows_of_the_new_workloads_include_out_and_are_judged(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """``numpy-out`` writes into one preallocated array on every call; the issue's targets are
-    judged on the rows they name and only there."""
+def _outputs_of_numpy_out(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The list that receives two results of every ``numpy-out`` callable the bench times next
+    (each timed once per sample)."""
     outputs: list[Any] = []
     original = bench._time_interleaved
 
@@ -306,6 +304,15 @@ def test_the_numpy_rows_of_the_new_workloads_include_out_and_are_judged(
         return original(calls, rounds, 1)
 
     monkeypatch.setattr(bench, "_time_interleaved", spy)
+    return outputs
+
+
+def test_the_numpy_rows_of_the_new_workloads_include_out_and_are_judged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``numpy-out`` writes into one preallocated array on every call; the issue's targets are
+    judged on the rows they name and only there."""
+    outputs = _outputs_of_numpy_out(monkeypatch)
     workload = next(w for w in TINY_NEW if w.name == "rms-768")
     results = bench.run_bench(["numpy", "torch"], (workload,), rounds=2)
     assert outputs[0] is outputs[1] and isinstance(outputs[0], np.ndarray)
@@ -454,15 +461,7 @@ def test_the_added_microseconds_are_judged_and_shown() -> None:
 
 
 def test_the_numpy_out_row_of_batch_norm_writes_into_one_array(monkeypatch: pytest.MonkeyPatch) -> None:
-    outputs: list[Any] = []
-    original = bench._time_interleaved
-
-    def spy(calls: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1) -> dict[str, list[float]]:
-        if bench.NORMKIT + "numpy-out" in calls:
-            outputs.extend(calls[bench.NORMKIT + "numpy-out"]() for _ in range(2))
-        return original(calls, rounds, 1)
-
-    monkeypatch.setattr(bench, "_time_interleaved", spy)
+    outputs = _outputs_of_numpy_out(monkeypatch)
     workload = dataclasses.replace(
         next(w for w in bench.WORKLOADS if w.name == "bn2d-nhwc"), shape=(3, 4, 4, 8)
     )
