@@ -2,7 +2,9 @@
 every layout of the compiled kernels (see :mod:`normkit.numpy_backend.compiled`): channels-first rows
 (with a tail shorter than a block), columns (channels-last, ``(N, C)``, several row ranges and
 blocks), instance norm in both, layer norm over one and several trailing axes, float16/float64,
-constant channels and large offsets. The conformance suite covers the spec's cases on top."""
+constant channels and large offsets; the columns cases once more with the streaming
+(non-temporal) stores the glue takes for large outputs, and that kernel against NumPy's own
+``(x - s)·a + b`` at every alignment. The conformance suite covers the spec's cases on top."""
 
 from __future__ import annotations
 
@@ -45,6 +47,17 @@ LAYOUT_CASES = [
     Case("layer-float16", LN, (8, 640), dtype="float16", loc=300.0),
     Case("layer-noncontiguous", LN, (4, 50), noncontiguous=True, loc=3.0),
     Case("bn-noncontiguous-rows", BN, (4, 3, 40), noncontiguous=True, loc=3.0),
+    # the register-blocked column sums: rows left over after the blocks of four, blocks and row
+    # ranges of uneven length, widths that are not a multiple of the vector width
+    Case("columns-row-tails", BN, (4099, 7), loc=1e4, purpose="ranges of 512-513 rows, blocks of 256 + 1-2"),
+    Case("columns-three-rows", BN, (3, 1030), loc=1e4, purpose="fewer rows than one sweep of four"),
+    Case("columns-two-rows", BN, (2, 5), loc=-2.0),
+    Case("columns-odd-width", BN, (301, 1023), loc=1e4, purpose="blocks of 32 rows + 13"),
+    Case("columns-nhwc-odd", BN, (5, 7, 9, 67), options={"axis": -1}, loc=1e4),
+    Case("columns-float64-odd", BN, (1030, 9), dtype="float64", loc=1e4),
+    Case("columns-huge-values", BN, (70, 6), scale=3e18, purpose="float32 sums of d² overflow"),
+    Case("columns-many-rows", BN, (100003, 3), loc=1e4, purpose="blocks of 256 rows, a 3-row tail"),
+    Case("instance-columns-odd", IN, (3, 33, 13), options={"axis": -1, "affine": True}, loc=1e4),
 ]
 
 
@@ -60,6 +73,60 @@ def test_every_layout_matches_the_reference(case: Case, kernels: str) -> None:
     result = run_case(case, "numpy", None, raise_errors=True)
     assert result.skipped is None
     assert result.passed, result.report()
+
+
+COLUMN_CASES = [case for case in LAYOUT_CASES if case.id.startswith(("columns", "instance-columns"))]
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
+@pytest.mark.parametrize("case", COLUMN_CASES, ids=lambda case: case.id)
+def test_columns_with_streaming_stores_match_the_reference(
+    case: Case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The columns layout with every output written by the non-temporal-store kernel (which the
+    glue otherwise takes from 8 MiB on): the same cases, the same reference and bounds."""
+    from normkit.numpy_backend import numba_loops
+
+    before = numpy_backend.kernels_in_use()
+    numpy_backend.use_kernels("compiled")
+    monkeypatch.setattr(numba_loops, "STREAM_BYTES", 0)
+    try:
+        result = run_case(case, "numpy", None, raise_errors=True)
+    finally:
+        numpy_backend.use_kernels(before)
+    assert result.skipped is None
+    assert result.passed, result.report()
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    ("shape", "parts"),
+    [((1, 64, 64), 3), ((2, 37, 1023), 4), ((3, 5, 3), 2), ((1, 9, 1), 1), ((2, 300, 13), 7)],
+)
+@pytest.mark.parametrize("misalign", [0, 1, 3])
+def test_streaming_stores_write_the_affine_map_exactly(
+    shape: tuple[int, int, int], parts: int, dtype: str, misalign: int
+) -> None:
+    """:func:`~normkit.numpy_backend.numba_loops.affine_columns_streaming` writes exactly
+    ``(x - s)·a + b`` rounded after each operation, as NumPy computes it, into an output whose
+    rows start at every alignment (vectors run over row ends; ordinary stores before the first
+    aligned address and after the last whole vector), and touches nothing outside ``y``."""
+    import numpy as np
+
+    from normkit.numpy_backend import numba_loops
+
+    rng = np.random.default_rng([misalign, *shape])
+    x = rng.normal(3.0, 2.0, size=shape).astype(dtype)
+    s, a, b = (rng.normal(size=(shape[0], shape[2])).astype(dtype) for _ in range(3))
+    expected = (x - s[:, None, :]) * a[:, None, :] + b[:, None, :]
+    buffer = np.full(x.size + 2 * misalign + 8, -7.0, dtype)
+    y = buffer[misalign : misalign + x.size].reshape(shape)
+    width = shape[2]
+    periodic = np.arange(width + numba_loops.stream_lanes(x.itemsize) - 1) % width
+    numba_loops.affine_columns_streaming(x, *(np.take(c, periodic, axis=1) for c in (s, a, b)), y, parts)
+    np.testing.assert_array_equal(y, expected)
+    assert (buffer[:misalign] == -7.0).all() and (buffer[misalign + x.size :] == -7.0).all()
 
 
 def test_an_unknown_kernel_choice_names_the_variable() -> None:

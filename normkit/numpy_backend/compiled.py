@@ -11,7 +11,10 @@ dimensions before it (after the batch axis for instance norm) and ``B`` of those
 * ``B >= MIN_ROW`` (channels-first): rows ``(G, A, C, B)``; each group is normalized right
   after its statistics, while still in cache;
 * otherwise (channels-last, and ``(N, C)``): columns ``(G, A, C·B)``; one parallel pass of
-  per-part statistics, merged here in float64, then one parallel pass for ``y``.
+  per-part statistics, merged in float64 (compiled:
+  :func:`~normkit.numpy_backend.numba_loops.merge_column_statistics`), then one parallel pass
+  for ``y``, with non-temporal stores for an output of at least
+  :data:`~normkit.numpy_backend.numba_loops.STREAM_BYTES` (:func:`_affine_columns`).
 
 Spec version 2 uses the same two layouts: :func:`moments` brings any reduction whose axes
 merge into kept, reduced, kept, reduced runs to ``(G, A, C, B)`` (statistics per ``(g, c)``),
@@ -88,6 +91,24 @@ def _parts(rows: int, groups: int, block_rows: int) -> int:
     threads = numba.get_num_threads()
     wanted = max(1, -(-PARTS_PER_THREAD * threads // groups))
     return max(1, min(wanted, -(-rows // block_rows)))
+
+
+def _affine_columns(
+    x3: np.ndarray, shift: np.ndarray, scale: np.ndarray, offset: np.ndarray, y3: np.ndarray, parts: int
+) -> None:
+    """``y = (x - shift)·scale + offset`` on the columns layout ``(G, A, W)`` with ``(G, W)``
+    coefficients in the compute dtype: with non-temporal stores
+    (:func:`~normkit.numpy_backend.numba_loops.affine_columns_streaming`) when ``y`` is at least
+    :data:`~normkit.numpy_backend.numba_loops.STREAM_BYTES` and is not ``x`` itself, else with
+    ordinary ones. Both write the same values."""
+    if y3.nbytes < kernels.STREAM_BYTES or np.may_share_memory(x3, y3):
+        kernels.affine_columns(x3, shift, scale, offset, y3, parts)
+        return
+    width = x3.shape[2]
+    periodic = np.arange(width + kernels.stream_lanes(x3.itemsize) - 1) % width
+    kernels.affine_columns_streaming(
+        x3, *(np.take(c, periodic, axis=1) for c in (shift, scale, offset)), y3, parts
+    )
 
 
 def merge_statistics(
@@ -178,15 +199,11 @@ def channel_train(
     block_rows = kernels.column_block_rows(channels * inner, xc.itemsize)
     parts = _parts(rows, groups, block_rows)
     partial = kernels.column_statistics(xc.reshape(shape3), parts, block_rows)
-
-    # (G, parts, C·B) -> (G, parts·B, C): merge the row ranges and the B columns of a channel
-    def regroup(a: np.ndarray) -> np.ndarray:
-        return a.reshape(groups, parts, channels, inner).transpose(0, 1, 3, 2).reshape(groups, -1, channels)
-
-    n, mean, m2 = merge_statistics(*(regroup(partial[:, :, k]) for k in range(4)), axis=1)
+    # merge the row ranges and the B columns of each channel
+    n, mean, m2 = kernels.merge_column_statistics(partial, inner)
     var = np.maximum(m2 / n, 0.0)
     s, a, b = _coefficients(mean, var, eps, weight, bias, xc.dtype, batch_statistics=True)
-    kernels.affine_columns(
+    _affine_columns(
         xc.reshape(shape3), *(np.repeat(c, inner, axis=1) for c in (s, a, b)), y.reshape(shape3), parts
     )
     return finish_output(y, x, out), mean, var, rows * inner
@@ -216,9 +233,7 @@ def channel_eval(
         shape3 = (1, rows, channels * inner)
         block_rows = kernels.column_block_rows(channels * inner, xc.itemsize)
         coefficients = (np.repeat(c, inner)[None] for c in (s, a, b))
-        kernels.affine_columns(
-            xc.reshape(shape3), *coefficients, y.reshape(shape3), _parts(rows, 1, block_rows)
-        )
+        _affine_columns(xc.reshape(shape3), *coefficients, y.reshape(shape3), _parts(rows, 1, block_rows))
     return finish_output(y, x, out)
 
 
@@ -313,12 +328,7 @@ def _statistics(x4: np.ndarray, keep4: np.ndarray | None) -> tuple[np.ndarray, n
         partial = kernels.column_statistics_masked(
             x4.reshape(shape3), keep4.reshape(shape3), parts, block_rows
         )
-
-    # (G, parts, C·B) -> (G, parts·B, C): merge the row ranges and the B columns of a channel
-    def regroup(a: np.ndarray) -> np.ndarray:
-        return a.reshape(groups, parts, channels, inner).transpose(0, 1, 3, 2).reshape(groups, -1, channels)
-
-    return merge_statistics(*(regroup(partial[:, :, k]) for k in range(4)), axis=1)
+    return kernels.merge_column_statistics(partial, inner)  # the row ranges and each channel's B columns
 
 
 def moments(
@@ -421,7 +431,7 @@ def group_norm(
         return finish_output(y, x, out)
     shape3 = (samples, rows, channels * inner)
     block_rows = kernels.column_block_rows(channels * inner, xc.itemsize)
-    kernels.affine_columns(
+    _affine_columns(
         xc.reshape(shape3),
         *(np.repeat(c, inner, axis=1) for c in (s, a, b)),
         y.reshape(shape3),

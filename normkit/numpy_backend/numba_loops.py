@@ -40,9 +40,18 @@ gives exactly :math:`\beta`) and :math:`b = \beta - (\mu - s)\,a`. In the rows l
 group is normalized right after its statistics, while it is still in the L2 cache, so a
 channels-first batch norm reads ``x`` from memory once and writes ``y`` once.
 
+In the columns layout a channel spans the whole tensor, so ``x`` is read twice (statistics, then
+``y``). To keep the statistics pass at the speed of reading memory, :func:`_column_block` adds
+:data:`COLUMN_UNROLL` rows together in registers before each load and store of a column's sums,
+the per-block merge has no branch in its loop, and the parts merge in compiled code
+(:func:`merge_column_statistics`). An output of at least :data:`STREAM_BYTES` is written with
+non-temporal vector stores (:func:`affine_columns_streaming`), which skip reading each line of
+``y`` from memory before writing it; the values are the same as with ordinary stores.
+
 Only the block sums (:func:`_block_sums`, :func:`_column_block` and their masked twins, the
 float64 sum of squares) are compiled with ``fastmath``, limited to reassociation so that they
-vectorize; the merges and the output loops round as written. NaN and infinity propagate as in
+vectorize; the merges and the output loops round as written (the vector intrinsic of the
+streaming stores too: a subtraction, a product and a sum, no FMA). NaN and infinity propagate as in
 the pure-NumPy path. The
 compiled functions are cached on disk (numba's ``cache=True``), so a new process loads
 rather than recompiles them.
@@ -54,12 +63,19 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 __all__ = [
     "COLUMN_BLOCK_BYTES",
+    "COLUMN_UNROLL",
     "GROUP_INNER",
     "ROW_BLOCK",
+    "STREAM_BYTES",
+    "VECTOR_BYTES",
     "affine_columns",
+    "affine_columns_streaming",
     "affine_grouped_rows",
     "affine_rows",
     "column_block_rows",
@@ -67,10 +83,12 @@ __all__ = [
     "column_statistics_masked",
     "group_norm_rows",
     "layer_norm_rows",
+    "merge_column_statistics",
     "normalize_rows",
     "rms_norm_rows",
     "row_statistics",
     "row_statistics_masked",
+    "stream_lanes",
 ]
 
 FASTMATH = {"reassoc", "nsz"}
@@ -217,16 +235,34 @@ def affine_rows(x, shift, scale, offset, y):
             dst[i] = (src[i] - s) * a + b
 
 
+COLUMN_UNROLL = 4
+"""Rows that :func:`_column_block` adds together (in registers) before it updates the per-column
+sums in memory: the sums are loaded and stored once per this many rows, not once per value."""
+
+
 @_reduction
 def _column_block(block, shift, s1, s2):
     """Two-pass sums of the rows of ``block`` (a slice of the ``(A, C)`` matrix): the provisional
-    means into ``shift`` and the sums of ``d`` and ``d²`` into ``s1``, ``s2`` (compute dtype)."""
+    means into ``shift`` and the sums of ``d`` and ``d²`` into ``s1``, ``s2`` (compute dtype).
+
+    Register-blocked over rows: each sweep over the columns takes :data:`COLUMN_UNROLL` rows at
+    once and adds their terms pairwise before the one load and store of each column's sum, so the
+    sums cost a memory access per four values instead of per value (the column loop vectorizes
+    over adjacent columns; the rows left over take a sweep of their own)."""
     cast = block.dtype.type
     zero = cast(0.0)
     rows, channels = block.shape
+    full = rows - rows % COLUMN_UNROLL
     for c in range(channels):
         shift[c] = zero
-    for r in range(rows):
+    for r in range(0, full, COLUMN_UNROLL):
+        r0 = block[r]
+        r1 = block[r + 1]
+        r2 = block[r + 2]
+        r3 = block[r + 3]
+        for c in range(channels):
+            shift[c] += (r0[c] + r1[c]) + (r2[c] + r3[c])
+    for r in range(full, rows):
         row = block[r]
         for c in range(channels):
             shift[c] += row[c]
@@ -235,12 +271,65 @@ def _column_block(block, shift, s1, s2):
         shift[c] *= inverse
         s1[c] = zero
         s2[c] = zero
-    for r in range(rows):
+    for r in range(0, full, COLUMN_UNROLL):
+        r0 = block[r]
+        r1 = block[r + 1]
+        r2 = block[r + 2]
+        r3 = block[r + 3]
+        for c in range(channels):
+            mid = shift[c]
+            d0 = r0[c] - mid
+            d1 = r1[c] - mid
+            d2 = r2[c] - mid
+            d3 = r3[c] - mid
+            s1[c] += (d0 + d1) + (d2 + d3)
+            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for r in range(full, rows):
         row = block[r]
         for c in range(channels):
             d = row[c] - shift[c]
             s1[c] += d
             s2[c] += d * d
+
+
+@_jit
+def _merge_column_block(block, shift, s1, s2, n, ref, offset, m2):
+    """Merge the block sums of :func:`_column_block` (``block`` has ``k`` rows) into the per-column
+    float64 ``ref``/``offset``/``m2`` of ``n`` rows (Chan's update, as :func:`_merge_row`; ``ref``
+    is set from the first block, ``n == 0``). The merge loop vectorizes: the test for a block whose
+    float32 squares overflowed (or that holds inf/NaN), merged with :func:`_moments64` in the
+    columns where its sums are not finite, is made once per block."""
+    channels = shift.shape[0]
+    k = block.shape[0]
+    if n == 0.0:
+        for c in range(channels):
+            ref[c] = np.float64(shift[c])
+    merged = n + k
+    inv_k = 1.0 / k
+    w_mean = k / merged
+    w_m2 = n * k / merged
+    finite = True
+    for c in range(channels):
+        finite &= math.isfinite(s2[c])
+    if finite:
+        for c in range(channels):
+            d1 = np.float64(s1[c])
+            block_offset = (np.float64(shift[c]) - ref[c]) + d1 * inv_k
+            block_m2 = np.float64(s2[c]) - d1 * d1 * inv_k
+            delta = block_offset - offset[c]
+            offset[c] += delta * w_mean
+            m2[c] += block_m2 + delta * delta * w_m2
+        return
+    for c in range(channels):
+        d1 = np.float64(s1[c])
+        block_offset = (np.float64(shift[c]) - ref[c]) + d1 * inv_k
+        block_m2 = np.float64(s2[c]) - d1 * d1 * inv_k
+        if not math.isfinite(block_m2):  # float32 squares overflowed, or inf/NaN
+            block_mean, block_m2 = _moments64(block[:, c])
+            block_offset = block_mean - ref[c]
+        delta = block_offset - offset[c]
+        offset[c] += delta * w_mean
+        m2[c] += block_m2 + delta * delta * w_m2
 
 
 @_parallel
@@ -250,7 +339,7 @@ def column_statistics(x, parts, block_rows):
     the count, a reference ``r`` (the first block's provisional mean), the mean's offset ``o``
     from it (the mean is ``r + o``, kept apart so that a merge loses nothing to the rounding of
     the mean) and the sum of squared deviations (merge them with
-    :func:`normkit.numpy_backend.compiled.merge_statistics`)."""
+    :func:`merge_column_statistics`)."""
     groups, rows, channels = x.shape
     result = np.zeros((groups, parts, 4, channels))
     for task in numba.prange(groups * parts):
@@ -268,27 +357,60 @@ def column_statistics(x, parts, block_rows):
         for start in range(first, last, block_rows):
             block = x[g, start : min(start + block_rows, last)]
             _column_block(block, shift, s1, s2)
-            k = block.shape[0]
-            if n == 0.0:
-                for c in range(channels):
-                    ref[c] = np.float64(shift[c])
-            merged = n + k
-            inv_k = 1.0 / k
-            w_mean = k / merged
-            w_m2 = n * k / merged
-            for c in range(channels):
-                d1 = np.float64(s1[c])
-                block_offset = (np.float64(shift[c]) - ref[c]) + d1 * inv_k
-                block_m2 = np.float64(s2[c]) - d1 * d1 * inv_k
-                if not math.isfinite(block_m2):  # float32 squares overflowed, or inf/NaN
-                    block_mean, block_m2 = _moments64(block[:, c])
-                    block_offset = block_mean - ref[c]
-                delta = block_offset - offset[c]
-                offset[c] += delta * w_mean
-                m2[c] += block_m2 + delta * delta * w_m2
-            n = merged
+            _merge_column_block(block, shift, s1, s2, n, ref, offset, m2)
+            n += block.shape[0]
         result[g, p, 0, :] = n
     return result
+
+
+@_jit
+def merge_column_statistics(partial, run):
+    r"""Merge the per-part, per-column statistics of :func:`column_statistics` (or its masked
+    twin), float64 ``(G, P, 4, W)``, over the ``P`` parts and each run of ``run`` adjacent columns
+    (a channel's ``B`` columns, or a channel group's), into float64 ``(count, mean, m2)`` of
+    shape ``(G, W // run)``.
+
+    The two-pass merge of :func:`normkit.numpy_backend.compiled.merge_statistics`, compiled (in
+    NumPy it is some twenty small calls): with :math:`q` the part with the most values (the first
+    of equals, parts before columns), :math:`d_p = (r_p - r_q) + (o_p - o_q)`,
+    :math:`\bar d = \sum n_p d_p / n`, the mean :math:`r_q + (o_q + \bar d)` and
+    :math:`M_2 = \sum M_{2,p} + n_p (d_p - \bar d)^2`. A run with no values merges to
+    ``(0, 0, 0)``."""
+    groups, parts, _, width = partial.shape
+    runs = width // run
+    count = np.zeros((groups, runs))
+    mean = np.zeros((groups, runs))
+    m2 = np.zeros((groups, runs))
+    for g in range(groups):
+        for j in range(runs):
+            first = j * run
+            n = 0.0
+            most = -1.0
+            ref = 0.0
+            offset = 0.0
+            for p in range(parts):
+                for i in range(first, first + run):
+                    k = partial[g, p, 0, i]
+                    n += k
+                    if k > most:
+                        most = k
+                        ref = partial[g, p, 1, i]
+                        offset = partial[g, p, 2, i]
+            total = 0.0
+            for p in range(parts):
+                for i in range(first, first + run):
+                    d = (partial[g, p, 1, i] - ref) + (partial[g, p, 2, i] - offset)
+                    total += partial[g, p, 0, i] * d
+            mean_d = total / max(n, 1.0)
+            sum_m2 = 0.0
+            for p in range(parts):
+                for i in range(first, first + run):
+                    d = ((partial[g, p, 1, i] - ref) + (partial[g, p, 2, i] - offset)) - mean_d
+                    sum_m2 += partial[g, p, 3, i] + partial[g, p, 0, i] * d * d
+            count[g, j] = n
+            mean[g, j] = ref + (offset + mean_d)
+            m2[g, j] = sum_m2
+    return count, mean, m2
 
 
 @_parallel
@@ -308,6 +430,123 @@ def affine_columns(x, shift, scale, offset, y, parts):
             dst = y[g, r]
             for c in range(channels):
                 dst[c] = (src[c] - s[c]) * a[c] + b[c]
+
+
+# --- streaming (non-temporal) stores for outputs larger than the caches ---------------------------
+
+VECTOR_BYTES = 32
+"""Bytes of one vector of :func:`_stream_affine` (an AVX register: 8 float32 or 4 float64 values);
+its non-temporal store needs an address aligned to it."""
+
+STREAM_BYTES = 8 * 2**20
+"""Output size from which the glue writes ``y`` with :func:`affine_columns_streaming`: an output
+this large leaves the caches anyway, and a non-temporal store writes it without first reading
+each of its cache lines from memory (the read for ownership that an ordinary store makes), one
+stream of the three the affine pass would otherwise cost. Smaller outputs keep ordinary stores, so
+that ``y`` stays in cache for whatever reads it next."""
+
+
+@intrinsic
+def _address(typingctx, array):
+    """The address of ``array``'s first element, as an unsigned integer."""
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(data, context.get_value_type(types.uintp))
+
+    return types.uintp(array), codegen
+
+
+@intrinsic
+def _stream_affine(typingctx, src, dst, shift, scale, offset, i, c):
+    """``dst[i:i+L] = (src[i:i+L] - shift[c:c+L]) * scale[c:c+L] + offset[c:c+L]`` on one vector of
+    ``L`` = :data:`VECTOR_BYTES` / itemsize values, stored non-temporally (``&dst[i]`` must be
+    aligned to :data:`VECTOR_BYTES`; the loads need no alignment). The subtraction, product and
+    sum are separate instructions without fast-math flags (no FMA contraction), so every lane
+    rounds as the strictly compiled scalar loops do."""
+
+    def codegen(context, builder, signature, args):
+        dtype = signature.args[0].dtype
+        itemsize = context.get_abi_sizeof(context.get_data_type(dtype))
+        vector = ir.VectorType(context.get_data_type(dtype), VECTOR_BYTES // itemsize)
+
+        def pointer(k, index):
+            data = context.make_array(signature.args[k])(context, builder, args[k]).data
+            return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
+
+        x = builder.load(pointer(0, args[5]), align=itemsize)
+        s = builder.load(pointer(2, args[6]), align=itemsize)
+        a = builder.load(pointer(3, args[6]), align=itemsize)
+        b = builder.load(pointer(4, args[6]), align=itemsize)
+        y = builder.fadd(builder.fmul(builder.fsub(x, s), a), b)
+        store = builder.store(y, pointer(1, args[5]), align=VECTOR_BYTES)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return types.void(src, dst, shift, scale, offset, i, c), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """A full memory fence: the non-temporal stores before it are visible to every thread after it
+    (they are weakly ordered)."""
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+def stream_lanes(itemsize: int) -> int:
+    """Values per vector of :func:`affine_columns_streaming` for values of ``itemsize`` bytes: the
+    coefficient arrays it takes are that many values minus one longer than a row."""
+    return VECTOR_BYTES // itemsize
+
+
+@_parallel
+def affine_columns_streaming(x, shift, scale, offset, y, parts):
+    """:func:`affine_columns` for a large output, written with non-temporal vector stores.
+
+    ``x`` and ``y`` ``(G, A, W)`` are C-contiguous and do not overlap; the coefficients are
+    ``(G, W + L - 1)`` with ``L`` = :func:`stream_lanes`, periodic (column ``k`` holds the
+    coefficient of column ``k mod W``), so that a vector may run over the end of a row. Each task
+    walks its row range as one flat run: ordinary stores up to the first address aligned to
+    :data:`VECTOR_BYTES`, whole vectors through :func:`_stream_affine`, ordinary stores for the
+    rest (so only the ends of a range mix the two kinds of store on one cache line). ``y``
+    holds exactly what :func:`affine_columns` writes."""
+    groups, rows, width = x.shape
+    lanes = VECTOR_BYTES // x.itemsize
+    for task in numba.prange(groups * parts):
+        g = task // parts
+        p = task % parts
+        src = x[g].reshape(rows * width)
+        dst = y[g].reshape(rows * width)
+        s = shift[g]
+        a = scale[g]
+        b = offset[g]
+        i = (p * rows // parts) * width
+        last = ((p + 1) * rows // parts) * width
+        misaligned = (_address(dst) + i * dst.itemsize) % VECTOR_BYTES
+        head = (VECTOR_BYTES - misaligned) % VECTOR_BYTES // dst.itemsize
+        if misaligned % dst.itemsize:  # never aligned: ordinary stores throughout
+            head = last - i
+        c = 0
+        for _ in range(min(head, last - i)):
+            dst[i] = (src[i] - s[c]) * a[c] + b[c]
+            i += 1
+            c = 0 if c + 1 == width else c + 1
+        while i + lanes <= last:
+            _stream_affine(src, dst, s, a, b, i, c)
+            i += lanes
+            c += lanes
+            while c >= width:
+                c -= width
+        while i < last:
+            dst[i] = (src[i] - s[c]) * a[c] + b[c]
+            i += 1
+            c = 0 if c + 1 == width else c + 1
+        _store_fence()
 
 
 @_parallel
