@@ -139,18 +139,28 @@ def _shift(xc: Array, axes: tuple[int, ...], keep: Array | None = None, count: A
     return lax.stop_gradient(s)
 
 
-def _centred(x: Array, axes: tuple[int, ...], cdt: Any) -> tuple[Array, Array]:
-    r"""``(mean, c)``: :math:`\mu = s + \bar d` with the shift ``s`` of :func:`_shift`, and the
-    centred values :math:`c = x - \mu`, in ``cdt`` with the reduced axes kept as size 1.
+def _centred(x: Array, axes: tuple[int, ...], cdt: Any) -> tuple[Array, Array, Array]:
+    r"""``(xc, mean, dev)``: ``x`` in ``cdt``; :math:`\mu = s + \bar d` with the shift ``s`` of
+    :func:`_shift`, in ``cdt`` with the reduced axes kept as size 1; and :math:`x - \mu`, **for
+    the variance's reduction only** (``jnp.mean(dev * dev)`` or ``jnp.sum``): the caller
+    normalizes with ``xc - mean`` itself.
 
-    :math:`\mu` is rounded once, and ``c`` is computed from ``x`` and :math:`\mu` rather than as
-    :math:`(x - s) - \bar d`: XLA then fuses ``x - s`` into the first reduction and writes one
-    centred temporary, as for the plain two-pass (the other order writes two), at the cost of the rounding of :math:`\mu`, :math:`\epsilon_c|\mu|/2`
-    in every ``c`` (within the spec's allowance for the subtracted mean)."""
+    :math:`\mu` is rounded once, and every centred value is :math:`x - \mu` (not
+    :math:`(x - s) - \bar d`), at the cost of the rounding of :math:`\mu`,
+    :math:`\epsilon_c|\mu|/2` in every ``c`` (within the spec's allowance for the subtracted mean).
+
+    ``dev`` subtracts :math:`\mu` through :func:`jax.lax.optimization_barrier`, an identity XLA
+    cannot see through: the variance's ``x - mean`` and the output's are then two computations,
+    not one shared value, so XLA fuses each into its own pass over ``x`` (the reduction reads
+    ``x`` once; the output pass reads it once and writes ``y``). Shared, the centred tensor has
+    two consumers and XLA:CPU writes it out in full and reads it back for the reduction: one
+    more write and one more read of the input's size, which made training batch and instance
+    norm 1.1–1.25x Flax's two-pass layers in issue 17's bench. The values are the same (the
+    barrier is an identity, and its derivative too); ``tests/test_accuracy.py`` checks the plan."""
     xc = x.astype(cdt)
     s = _shift(xc, axes)
     mean = s + jnp.mean(xc - s, axis=axes, keepdims=True)
-    return mean, xc - mean
+    return xc, mean, xc - lax.optimization_barrier(mean)
 
 
 def _updated(old: Array, batch: Array, momentum: float) -> Array:
@@ -183,9 +193,9 @@ def _channel_norm(
     if _is_empty(x.shape):  # nothing to normalize, and no statistic moves
         return x, running_mean, running_var
     axes = tuple(a for a in range(1 if per_instance else 0, x.ndim) if a != axis)
-    mean, c = _centred(x, axes, cdt)
-    var = jnp.mean(c * c, axis=axes, keepdims=True)
-    y = (c * (1.0 / jnp.sqrt(var + eps)) * g + b).astype(x.dtype)
+    xc, mean, dev = _centred(x, axes, cdt)
+    var = jnp.mean(dev * dev, axis=axes, keepdims=True)
+    y = ((xc - mean) * (1.0 / jnp.sqrt(var + eps)) * g + b).astype(x.dtype)
     if running_mean is None or running_var is None:
         return y, None, None
     if unbiased_running_var:
@@ -263,10 +273,10 @@ def layer_norm(
     cdt = _compute_dtype(x)
     axes = tuple(axes)
     shape = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
-    _, c = _centred(x, axes, cdt)
-    var = jnp.mean(c * c, axis=axes, keepdims=True)
+    xc, mean, dev = _centred(x, axes, cdt)
+    var = jnp.mean(dev * dev, axis=axes, keepdims=True)
     g, b = _param(weight, shape, cdt, 1.0), _param(bias, shape, cdt, 0.0)
-    return (c * (1.0 / jnp.sqrt(var + eps)) * g + b).astype(x.dtype)
+    return ((xc - mean) * (1.0 / jnp.sqrt(var + eps)) * g + b).astype(x.dtype)
 
 
 def group_norm(
@@ -278,12 +288,12 @@ def group_norm(
     cdt = _compute_dtype(x)
     xs = x.reshape(_split(x.shape, axis, num_groups))
     axes = tuple(a for a in range(1, xs.ndim) if a != axis)  # the block axis axis + 1 among them
-    _, c = _centred(xs, axes, cdt)
-    var = jnp.mean(c * c, axis=axes, keepdims=True)
+    xc, mean, dev = _centred(xs, axes, cdt)
+    var = jnp.mean(dev * dev, axis=axes, keepdims=True)
     shape = [1] * xs.ndim
     shape[axis], shape[axis + 1] = xs.shape[axis], xs.shape[axis + 1]
     g, b = _param(weight, shape, cdt, 1.0), _param(bias, shape, cdt, 0.0)
-    return (c * (1.0 / jnp.sqrt(var + eps)) * g + b).astype(x.dtype).reshape(x.shape)
+    return ((xc - mean) * (1.0 / jnp.sqrt(var + eps)) * g + b).astype(x.dtype).reshape(x.shape)
 
 
 def moments(
@@ -316,9 +326,9 @@ def moments(
         return jnp.zeros(kept_shape, dtype=count_dtype), zeros, zeros
     if mask is None:
         n = math.prod(x.shape[a] for a in axes)
-        mean, c = _centred(x, axes, cdt)
+        _, mean, dev = _centred(x, axes, cdt)
         count = jnp.full(kept_shape, n, dtype=count_dtype)
-        return count, mean.reshape(kept_shape), jnp.sum(c * c, axis=axes)
+        return count, mean.reshape(kept_shape), jnp.sum(dev * dev, axis=axes)
     keep = jnp.broadcast_to(mask, x.shape)
     xc = x.astype(cdt)
     zero = jnp.zeros((), dtype=cdt)
