@@ -296,14 +296,20 @@ def _normkit_op(
             x, workload.shape[-1], params["weight"], params["bias"], backend=backend, **into
         )
     if workload.op == "batch_norm":
-        return lambda x: normkit.batch_norm(
+        op = lambda x: normkit.batch_norm(  # noqa: E731
             x, params["running_mean"], params["running_var"], params["weight"], params["bias"],
             training=training, axis=workload.axis, backend=backend, **into,
         )  # fmt: skip
-    return lambda x: normkit.instance_norm(
-        x, params["running_mean"], params["running_var"], params["weight"], params["bias"],
-        use_input_stats=training, axis=workload.axis, backend=backend, **into,
-    )  # fmt: skip
+    else:
+        op = lambda x: normkit.instance_norm(  # noqa: E731
+            x, params["running_mean"], params["running_var"], params["weight"], params["bias"],
+            use_input_stats=training, axis=workload.axis, backend=backend, **into,
+        )  # fmt: skip
+    if training:
+        return op
+    # eval returns the running statistics as given: y alone is the result, as every native's eval
+    # returns (under jax.jit the two pass-through outputs would cost copies and 5 us a call)
+    return lambda x: op(x).y
 
 
 def _time_interleaved(
