@@ -11,6 +11,7 @@ import numpy as np
 import normkit
 from normkit import presets
 from normkit.errors import StateDictError
+from normkit_keras import _eager
 from normkit_keras._base import (
     PACKAGE,
     PresetOptions,
@@ -111,24 +112,41 @@ class BatchNormalization(PresetOptions, keras.layers.BatchNormalization):
                 f"shape is {tuple(inputs.shape)} (Keras's mask of positions, broadcast over the last axis)"
             )
         use_batch_stats = bool(training) and self.trainable
+        if mask is None and not (use_batch_stats and self.synchronized):
+            y = _eager.run(
+                self, "_local_call", (axis, use_batch_stats), inputs, fixed_axes=(axis,),
+                reduced_axes=tuple(a for a in range(rank) if a != axis) if use_batch_stats else None,
+                weights=(self.moving_mean, self.moving_variance, self.gamma, self.beta),
+                options=(self.momentum, self.epsilon, self.unbiased_running_var, self.preset, self.compute_dtype),
+            )  # fmt: skip
+            if y is not None:  # eager on TensorFlow: the same ops as one traced call
+                return y
         selected = None
         if use_batch_stats and mask is not None:  # eval ignores the mask
             selected = keras.ops.expand_dims(keras.ops.cast(mask, "bool"), -1)
         context = self._replica_context() if use_batch_stats and self.synchronized else None
-        if context is not None:
-            from normkit_keras import _tensorflow_sync
+        if context is None:
+            return self._local_call(inputs, axis, use_batch_stats, selected)
+        from normkit_keras import _tensorflow_sync
 
-            y, mean, var = _tensorflow_sync.batch_norm(self, inputs, selected, axis, context)
-        else:
-            if use_batch_stats and selected is None:  # with a mask the counts are data
-                self._check_values_per_group(inputs, [a for a in range(rank) if a != axis])
-            y, mean, var = normkit.batch_norm(
-                inputs, *self._channel_state(), training=use_batch_stats, axis=axis, mask=selected,
-                **self._moving_options(),
-            )  # fmt: skip
+        y, mean, var = _tensorflow_sync.batch_norm(self, inputs, selected, axis, context)
+        # each replica assigns its own copy (the variables' aggregation is Keras's "none", as for
+        # Keras's own layer): the same bits on every replica
+        self.moving_mean.assign(mean)
+        self.moving_variance.assign(var)
+        return self._output(y)
+
+    def _local_call(self, inputs: Any, axis: int, use_batch_stats: bool, selected: Any = None) -> Any:
+        """The layer on this replica's batch alone (``selected``: the mask, with the input's
+        rank): normkit's batch norm, the new moving statistics assigned in training, the output
+        in the compute dtype. Eagerly on TensorFlow it runs as one traced call (:mod:`._eager`)."""
+        if use_batch_stats and selected is None:  # with a mask the counts are data
+            self._check_values_per_group(inputs, [a for a in range(len(inputs.shape)) if a != axis])
+        y, mean, var = normkit.batch_norm(
+            inputs, *self._channel_state(), training=use_batch_stats, axis=axis, mask=selected,
+            **self._moving_options(),
+        )  # fmt: skip
         if use_batch_stats:
-            # in a tf.distribute replica context each replica assigns its own copy (the variables'
-            # aggregation is Keras's "none", as for Keras's own layer); synchronized, the same bits
             self.moving_mean.assign(mean)
             self.moving_variance.assign(var)
         return self._output(y)

@@ -8,6 +8,7 @@ import keras
 
 import normkit
 from normkit import presets
+from normkit_keras import _eager
 from normkit_keras._base import PACKAGE, PresetOptions, check_axis, check_epsilon, check_flag, value
 
 __all__ = ["GroupNormalization"]
@@ -85,15 +86,25 @@ class GroupNormalization(PresetOptions, keras.layers.GroupNormalization):
         super().build(input_shape)  # Keras's: checks groups against the channels, adds gamma and beta
 
     def call(self, inputs: Any) -> Any:
+        rank = len(inputs.shape)
+        axis = self.axis % rank
+        y = _eager.run(
+            self, "_normalize", (axis,), inputs, fixed_axes=(axis,),
+            reduced_axes=tuple(a for a in range(1, rank) if a != axis), groups=self.groups,
+            weights=(self.gamma, self.beta),
+            options=(self.groups, self.epsilon, self.center, self.scale, self.preset, self.compute_dtype),
+        )  # fmt: skip
+        if y is not None:  # eager on TensorFlow: the same ops as one traced call
+            return y
+        return self._normalize(inputs, axis)
+
+    def _normalize(self, inputs: Any, axis: int) -> Any:
+        """Keras's own group norm (``preset="keras"`` on :data:`KERAS_OWN_BACKENDS`) or normkit's,
+        in the compute dtype (eagerly on TensorFlow: one traced call)."""
         if self.preset == "keras" and keras.backend.backend() in KERAS_OWN_BACKENDS:
             return super().call(inputs)  # Keras's own computation: bit-identical, and conforming
         y = normkit.group_norm(
-            inputs,
-            self.groups,
-            value(self.gamma),
-            value(self.beta),
-            eps=self.epsilon,
-            axis=self.axis % len(inputs.shape),
+            inputs, self.groups, value(self.gamma), value(self.beta), eps=self.epsilon, axis=axis
         )
         return self._output(y)
 

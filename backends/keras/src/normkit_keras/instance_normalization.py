@@ -8,6 +8,7 @@ import keras
 
 import normkit
 from normkit import presets
+from normkit_keras import _eager
 from normkit_keras._base import PACKAGE, PresetOptions, check_axis, check_epsilon, check_flag, keras_momentum
 
 __all__ = ["InstanceNormalization"]
@@ -93,8 +94,24 @@ class InstanceNormalization(PresetOptions, keras.layers.Layer):
         rank = len(inputs.shape)
         axis = self.axis % rank
         use_input_stats = (bool(training) and self.trainable) or not self.track_running_stats
+        y = _eager.run(
+            self, "_normalize", (axis, use_input_stats), inputs, fixed_axes=(axis,),
+            reduced_axes=tuple(a for a in range(1, rank) if a != axis) if use_input_stats else None,
+            weights=(self.moving_mean, self.moving_variance, self.gamma, self.beta),
+            options=(
+                self.momentum, self.epsilon, self.unbiased_running_var, self.track_running_stats, self.preset,
+                self.compute_dtype,
+            ),
+        )  # fmt: skip
+        if y is not None:  # eager on TensorFlow: the same ops as one traced call
+            return y
+        return self._normalize(inputs, axis, use_input_stats)
+
+    def _normalize(self, inputs: Any, axis: int, use_input_stats: bool) -> Any:
+        """normkit's instance norm, the new moving statistics assigned when they are tracked and
+        updated, the output in the compute dtype (eagerly on TensorFlow: one traced call)."""
         if use_input_stats:
-            self._check_values_per_group(inputs, [a for a in range(1, rank) if a != axis])
+            self._check_values_per_group(inputs, [a for a in range(1, len(inputs.shape)) if a != axis])
         y, mean, var = normkit.instance_norm(
             inputs, *self._channel_state(), use_input_stats=use_input_stats, axis=axis,
             **self._moving_options(),
