@@ -157,6 +157,9 @@ class Workload:
     against Keras's) instead of the functional ops."""
     num_groups: int | None = None
     """Group norm's ``G`` (required for ``op="group_norm"``)."""
+    preset: str | None = None
+    """For a module workload: normkit's layer built with this preset (the native with the same
+    eps, momentum and affine), to show what a non-default preset costs; ``None``: defaults."""
     with_out: bool = False
     """Also time the NumPy backend's compiled kernels writing into a preallocated ``out=`` (row
     ``numpy-out``), as the floor writes into one."""
@@ -219,6 +222,11 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("gn-module", "group_norm", (8, 256, 28, 28), num_groups=32, module=True),
     Workload("rms-module-tiny", "rms_norm", (2, 8, 8), axis=-1, **_TINY_MODULE),
     Workload("rms-module", "rms_norm", (64, 512, 768), axis=-1, module=True),
+    # non-default presets, untargeted (issue 17: "may cost more, and the bench says how much")
+    Workload("bn2d-module-tiny-keras", "batch_norm", (2, 8, 8, 8), repeats=100, module=True, preset="keras"),
+    Workload(
+        "rms-module-tiny-gemma", "rms_norm", (2, 8, 8), axis=-1, repeats=100, module=True, preset="gemma"
+    ),
 )
 """Every workload ``normkit bench`` knows, by name (``--workload NAME``)."""
 

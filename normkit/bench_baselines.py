@@ -272,7 +272,12 @@ def _torch_modules(
         arguments: tuple[int, ...] = (int(workload.num_groups or 1), workload.channels)
     else:
         arguments = (workload.param_size,)
-    mine, native = getattr(normkit_torch, name)(*arguments), getattr(nn, name)(*arguments)
+    if workload.preset is None:
+        mine, native = getattr(normkit_torch, name)(*arguments), getattr(nn, name)(*arguments)
+    else:  # torch.nn's layer with the same eps, momentum and affine as the preset's
+        mine = getattr(normkit_torch, name)(*arguments, preset=workload.preset)
+        same = {key: getattr(mine, key) for key in ("eps", "momentum", "affine") if hasattr(mine, key)}
+        native = getattr(nn, name)(*arguments, **same)
     if mode == "train":
         return (lambda: mine(x)), {"torch.nn": lambda: native(x)}
     mine.eval()
@@ -343,6 +348,8 @@ def has_modules(backend: str, workload: Workload | None = None) -> bool:
         return False
     if workload is None:
         return True
+    if workload.preset is not None and backend != "torch":
+        return False  # the preset rows are the drop-in torch layers' only
     try:
         if backend == "torch":
             from torch import nn

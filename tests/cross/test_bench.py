@@ -55,7 +55,7 @@ def _tiny(workload: bench.Workload) -> bench.Workload:
 TINY_OLD = tuple(
     w
     for w in bench.WORKLOADS
-    if w.name == "tiny" or (w.module and w.name.endswith("-tiny") and w.op not in NEW_OPS)
+    if w.name == "tiny" or (w.module and (w.name.endswith("-tiny") or w.preset) and w.op not in NEW_OPS)
 )
 TINY_NEW = tuple(_tiny(w) for w in bench.WORKLOADS if w.op in NEW_OPS)
 
@@ -87,6 +87,7 @@ def test_the_new_workloads_are_issue_12s() -> None:
         "gn-module-tiny",
         "rms-module",
         "rms-module-tiny",
+        "rms-module-tiny-gemma",  # a non-default preset: what it costs
     }
     with pytest.raises(ValueError, match="num_groups"):
         bench.Workload("gn", "group_norm", (2, 4))
@@ -157,7 +158,7 @@ def test_natives_run_no_normkit_code_and_normkit_rows_do(
 ) -> None:
     running, made = ["(none)"], set()
     labels = _labelled_timing(monkeypatch, running)
-    workloads = tuple(w for w in TINY_OLD + TINY_NEW if not w.module or baselines.has_modules(backend))
+    workloads = tuple(w for w in TINY_OLD + TINY_NEW if not w.module or baselines.has_modules(backend, w))
     with _normkit_calls(running, made):
         results = bench.run_bench([backend], workloads, rounds=2)
     assert {r.workload for r in results} == {w.name for w in workloads}  # every module workload ran
@@ -208,6 +209,10 @@ def _framework_eps(workload: bench.Workload, backend: str) -> float:
     rows all get :data:`normkit.bench_baselines.EPS`."""
     if not workload.module:
         return baselines.EPS
+    if workload.preset is not None:  # the preset's eps, which the torch.nn layer is given too
+        import normkit_torch
+
+        return normkit_torch.RMSNorm(1, preset=workload.preset).eps
     if backend == "torch":
         from torch import nn
 
@@ -273,7 +278,7 @@ def test_every_implementation_timed_on_the_new_workloads_computes_the_op(
 
     monkeypatch.setattr(bench, "_time_interleaved", spy)
     for workload in TINY_NEW:
-        if workload.module and not baselines.has_modules(backend):
+        if workload.module and not baselines.has_modules(backend, workload):
             continue
         current.append(workload)
         results = bench.run_bench([backend], (workload,), rounds=2)
@@ -283,7 +288,7 @@ def test_every_implementation_timed_on_the_new_workloads_computes_the_op(
         if workload.module:
             expected = (
                 []
-                if not baselines.has_modules(backend)
+                if not baselines.has_modules(backend, workload)
                 else [bench.NORMKIT + backend, bench.NATIVE + ("torch.nn" if backend == "torch" else "keras")]
             ) * len(workload.modes)  # a layer is timed in training and in eval
         else:
@@ -355,7 +360,7 @@ def test_a_layer_timed_as_its_own_native_is_refused(backend: str, monkeypatch: p
         return mine, {name: mine for name in natives}
 
     monkeypatch.setattr(baselines, "build_modules", itself)
-    for workload in (w for w in TINY_NEW if w.module):
+    for workload in (w for w in TINY_NEW if w.module and baselines.has_modules(backend, w)):
         with pytest.raises(ValueError, match="are the same callable: it would be timed against itself"):
             bench.run_bench([backend], (workload,), rounds=2)
 
