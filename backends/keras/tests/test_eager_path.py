@@ -26,6 +26,7 @@ from normkit import reference
 from normkit.testing.tolerances import (
     agreement_tolerance,
     centering_gain,
+    central_differences,
     normalization_gradient_tolerances,
     normalized_by,
     output_tolerance,
@@ -215,17 +216,7 @@ STEP = 1e-6  # central differences in float64; their error bound: normalization_
 
 
 def _finite_differences(loss: Callable[..., float], arrays: list[np.ndarray]) -> list[np.ndarray]:
-    grads = []
-    for index, array in enumerate(arrays):
-        grad = np.zeros_like(array)
-        for position in np.ndindex(array.shape):
-            shifted = [a.copy() for a in arrays]
-            shifted[index][position] += STEP
-            up = loss(*shifted)
-            shifted[index][position] -= 2 * STEP
-            grad[position] = (up - loss(*shifted)) / (2 * STEP)
-        grads.append(grad)
-    return grads
+    return central_differences(loss, arrays, STEP)
 
 
 @tensorflow_only

@@ -12,6 +12,7 @@ import tensorflow as tf
 from normkit import reference
 from normkit.testing.tolerances import (
     centering_gain,
+    central_differences,
     normalization_gradient_tolerances,
     normalized_by,
     output_tolerance,
@@ -64,17 +65,7 @@ def _functions(
 
 
 def _finite_differences(loss: Callable[..., float], arrays: list[np.ndarray]) -> list[np.ndarray]:
-    grads = []
-    for index, array in enumerate(arrays):
-        grad = np.zeros_like(array)
-        for position in np.ndindex(array.shape):
-            shifted = [a.copy() for a in arrays]
-            shifted[index][position] += STEP
-            up = loss(*shifted)
-            shifted[index][position] -= 2 * STEP
-            grad[position] = (up - loss(*shifted)) / (2 * STEP)
-        grads.append(grad)
-    return grads
+    return central_differences(loss, arrays, STEP)
 
 
 @pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf.function"])
